@@ -1,0 +1,49 @@
+"""hangwatch: catch stuck worker processes, explain why they were stuck, recover the job.
+
+A drop-in for ``torch.distributed.elastic.timer``: ``import hangwatch as timer`` and
+torch's documented usage works unchanged::
+
+    server = hangwatch.LocalTimerServer(mp_queue, max_interval=0.01)
+    server.start()
+    ...
+    # in each worker
+    hangwatch.configure(hangwatch.LocalTimerClient(mp_queue))
+    with hangwatch.expires(after=60):
+        train_step()
+"""
+
+from __future__ import annotations
+
+import sys
+
+if sys.platform == "win32":  # pragma: no cover - refused before anything else is imported
+    raise ImportError(
+        "hangwatch needs a POSIX system (Linux first; macOS partially): it reaps workers with POSIX "
+        "signals and talks to them over named pipes"
+    )
+
+from .api import RequestQueue, TimerClient, TimerRequest, TimerServer, configure, expires, get_configured_client
+from .events import Event
+from .file import FileTimerClient, FileTimerRequest, FileTimerServer, ServerUnavailableError
+from .local import LocalTimerClient, LocalTimerServer, MultiprocessingRequestQueue
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Event",
+    "FileTimerClient",
+    "FileTimerRequest",
+    "FileTimerServer",
+    "LocalTimerClient",
+    "LocalTimerServer",
+    "MultiprocessingRequestQueue",
+    "RequestQueue",
+    "ServerUnavailableError",
+    "TimerClient",
+    "TimerRequest",
+    "TimerServer",
+    "__version__",
+    "configure",
+    "expires",
+    "get_configured_client",
+]
