@@ -50,6 +50,9 @@ class Event:
     scope: Optional[str] = None
     details: Dict[str, Any] = field(default_factory=dict)
 
+    def __str__(self) -> str:
+        return self.describe()
+
     def describe(self) -> str:
         """One human-readable line."""
         parts = [self.name]
@@ -85,7 +88,8 @@ class EventEmitter:
     ) -> Event:
         """Record one event; return it."""
         event = Event(name, time.time(), worker, scope, details)
-        logger.log(logging.WARNING if name in _WARNING_EVENTS else logging.INFO, "%s", event.describe())
+        # The record's argument is the Event itself: handlers can read it structured.
+        logger.log(logging.WARNING if name in _WARNING_EVENTS else logging.INFO, "%s", event)
         if self._log_event is not None and name in TORCH_EVENT_NAMES:
             try:
                 self._log_event(name, request)

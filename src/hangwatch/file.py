@@ -212,11 +212,15 @@ class FileTimerClient(TimerClient):
             try:
                 self._write(fd, data)
                 return
+            except ServerUnavailableError:
+                raise
             except BrokenPipeError:
                 self._retire(fd)  # that server went away; a new one may be reading the path now
         fd, persistent = self._open()
         try:
             self._write(fd, data)
+        except ServerUnavailableError:
+            raise
         except BrokenPipeError as exc:
             if persistent:
                 self._retire(fd)

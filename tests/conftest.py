@@ -1,0 +1,80 @@
+"""Shared test helpers: importable worker functions for spawned processes, event capture, waiting."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, List
+
+import pytest
+
+# Worker functions live in tests/_workers.py; spawned children import it from sys.path,
+# which multiprocessing passes on to them.
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hangwatch.events import Event  # noqa: E402
+
+try:
+    import torch.distributed.elastic.timer  # noqa: F401
+
+    HAVE_TORCH = True
+except Exception:  # pragma: no cover - depends on the machine
+    HAVE_TORCH = False
+
+needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="PyTorch is not installed (pip install torch)")
+
+
+class EventLog(logging.Handler):
+    """Collects the Event records the servers log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.events: List[Event] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.args and isinstance(record.args, tuple) and isinstance(record.args[0], Event):
+            self.events.append(record.args[0])
+
+    def named(self, name: str) -> List[Event]:
+        return [e for e in self.events if e.name == name]
+
+
+@pytest.fixture
+def events() -> Iterator[EventLog]:
+    log = EventLog()
+    logger = logging.getLogger("hangwatch.events")
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(log)
+    try:
+        yield log
+    finally:
+        logger.removeHandler(log)
+        logger.setLevel(old)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes; return its last truth."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(interval)
+
+
+@pytest.fixture
+def fifo_path(tmp_path: Path) -> str:
+    return str(tmp_path / "timer.fifo")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
