@@ -15,7 +15,7 @@ import pytest
 # which multiprocessing passes on to them.
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hangwatch.events import Event  # noqa: E402
+from hangwatch.events import Event
 
 try:
     import torch.distributed.elastic.timer  # noqa: F401

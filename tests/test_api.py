@@ -123,7 +123,8 @@ class TestExpires:
     def test_default_scope_is_the_callers_file_and_line(self) -> None:
         """Without scope=, the scope is '<this file>#<line of the with statement>'."""
         client = RecordingClient()
-        expected = here(); guard = hangwatch.expires(after=1, client=client)  # noqa: E702
+        expected = here()
+        guard = hangwatch.expires(after=1, client=client)
         with guard:
             pass
         assert client.calls[0][1] == expected

@@ -12,12 +12,13 @@ import threading
 import time
 from pathlib import Path
 
-import _workers
 import pytest
 
 import hangwatch
-from conftest import EventLog, alive, wait_for
 from hangwatch import FileTimerClient, FileTimerServer, ServerUnavailableError
+
+import _workers
+from conftest import EventLog, alive, wait_for
 
 spawn = mp.get_context("spawn")
 
@@ -83,7 +84,7 @@ class TestTransport:
         path = str(tmp_path / "nobody.fifo")
         client = FileTimerClient(path)
         t0 = time.monotonic()
-        with pytest.raises(BrokenPipeError, match="nobody.fifo"):
+        with pytest.raises(BrokenPipeError, match=r"nobody\.fifo"):
             client.acquire("s", time.time() + 10)
         assert time.monotonic() - t0 < 3
         os.mkfifo(path)  # a FIFO nobody reads
@@ -207,7 +208,11 @@ class TestTransport:
             theirs.release("x")
             assert theirs._fd == -1
             assert json.loads(os.read(reader, 4096)) == {
-                "version": 1, "pid": os.getpid(), "scope_id": "x", "expiration_time": -1, "signal": 0,
+                "version": 1,
+                "pid": os.getpid(),
+                "scope_id": "x",
+                "expiration_time": -1,
+                "signal": 0,
             }
         finally:
             os.close(reader)
@@ -236,7 +241,9 @@ class TestHostileLines:
                 b'{"version": 1, "pid": 5, "scope_id": "s", "expiration_time": NaN, "signal": 9}',
                 b'{"version": 1, "pid": 5, "scope_id": "s", "expiration_time": Infinity, "signal": 9}',
                 json.dumps({"pid": child.pid, "scope_id": "s", "expiration_time": 1e12, "signal": 999}).encode(),
-                json.dumps({"version": 2, "pid": child.pid, "scope_id": "s", "expiration_time": 1, "signal": 9}).encode(),
+                json.dumps(
+                    {"version": 2, "pid": child.pid, "scope_id": "s", "expiration_time": 1, "signal": 9}
+                ).encode(),
                 b"\xff\xfe not utf-8",
                 b"x" * 5000,
             ]
@@ -318,7 +325,16 @@ class TestConstructor:
 def test_public_names_match_torch() -> None:
     """Every name torch.distributed.elastic.timer documents exists in hangwatch."""
     for name in [
-        "configure", "expires", "TimerRequest", "TimerClient", "TimerServer", "RequestQueue",
-        "LocalTimerServer", "LocalTimerClient", "FileTimerServer", "FileTimerClient", "FileTimerRequest",
+        "configure",
+        "expires",
+        "TimerRequest",
+        "TimerClient",
+        "TimerServer",
+        "RequestQueue",
+        "LocalTimerServer",
+        "LocalTimerClient",
+        "FileTimerServer",
+        "FileTimerClient",
+        "FileTimerRequest",
     ]:
         assert hasattr(hangwatch, name), name

@@ -7,10 +7,11 @@ import signal
 import time
 from typing import Iterator, Tuple
 
-import _workers
 import pytest
 
 import hangwatch
+
+import _workers
 from conftest import EventLog, wait_for
 
 START_METHODS = ["spawn", "fork", "forkserver"]

@@ -19,7 +19,7 @@ class InMemoryQueue(RequestQueue):
     """A user's queue with no fileno(): the loop must still serve it and stop promptly."""
 
     def __init__(self) -> None:
-        self.q: "queue.Queue[TimerRequest]" = queue.Queue()
+        self.q: queue.Queue[TimerRequest] = queue.Queue()
 
     def size(self) -> int:
         return self.q.qsize()

@@ -1,0 +1,122 @@
+"""Interop with torch.distributed.elastic.timer itself: its clients on our servers, ours on its servers."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import hangwatch
+
+import _workers
+from conftest import EventLog, needs_torch, wait_for
+
+pytestmark = needs_torch
+spawn = mp.get_context("spawn")
+
+
+def _join(p: mp.Process, timeout: float) -> None:
+    p.join(timeout)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        pytest.fail(f"process {p.pid} still running after {timeout} s")
+
+
+def test_torch_file_client_on_our_server(fifo_path: str, events: EventLog) -> None:
+    """torch's FileTimerClient talks to hangwatch's FileTimerServer: its stuck worker is reaped by SIGKILL."""
+    server = hangwatch.FileTimerServer(fifo_path, "interop")
+    server.start()
+    try:
+        p = spawn.Process(target=_workers.torch_stuck_file, args=(fifo_path, 0.5))
+        p.start()
+        _join(p, 60)
+        assert p.exitcode == -signal.SIGKILL
+        assert [e.scope for e in events.named("kill worker process")] == ["torch-client"]
+    finally:
+        server.stop()
+
+
+def test_our_file_client_on_torchs_server(tmp_path: Path) -> None:
+    """hangwatch's FileTimerClient talks to torch's FileTimerServer: torch reaps our stuck worker.
+
+    Torch's server runs in its own process because it signals itself after a reap.
+    """
+    path = str(tmp_path / "torch.fifo")
+    torch_server = spawn.Process(target=_workers.torch_file_server, args=(path, 60))
+    torch_server.start()
+    try:
+        assert wait_for(lambda: os.path.exists(path), 60), "torch's server did not create its FIFO"
+        worker = spawn.Process(target=_workers.stuck_file, args=(path, 0.5, int(signal.SIGKILL)))
+        worker.start()
+        _join(worker, 60)
+        assert worker.exitcode == -signal.SIGKILL
+    finally:
+        if torch_server.is_alive():
+            torch_server.kill()
+        torch_server.join()
+
+
+def test_our_client_does_not_hold_torchs_pipe_open(tmp_path: Path) -> None:
+    """Against torch's (unmarked) FIFO our client opens and closes per request, so torch's loop keeps going."""
+    path = str(tmp_path / "torch.fifo")
+    torch_server = spawn.Process(target=_workers.torch_file_server, args=(path, 30))
+    torch_server.start()
+    try:
+        assert wait_for(lambda: os.path.exists(path), 60)
+        client = hangwatch.FileTimerClient(path)
+        client.release("probe")
+        assert client._fd == -1
+    finally:
+        torch_server.kill()
+        torch_server.join()
+
+
+def test_torch_local_client_on_our_server() -> None:
+    """torch's LocalTimerClient puts torch TimerRequests on the queue; our LocalTimerServer reaps from them."""
+    q = spawn.Queue()
+    server = hangwatch.LocalTimerServer(q)
+    server.start()
+    try:
+        p = spawn.Process(target=_workers.torch_stuck_local, args=(q, 0.5))
+        p.start()
+        _join(p, 60)
+        assert p.exitcode == -signal.SIGKILL
+    finally:
+        server.stop()
+
+
+def test_our_local_client_on_torchs_server() -> None:
+    """Our LocalTimerClient's requests are understood by torch's LocalTimerServer."""
+    import torch.distributed.elastic.timer as ttimer
+
+    q = spawn.Queue()
+    server = ttimer.LocalTimerServer(q, max_interval=0.1)
+    server.start()
+    try:
+        p = spawn.Process(target=_workers.stuck_local, args=(q, 0.3))
+        p.start()
+        _join(p, 60)
+        assert p.exitcode == -signal.SIGKILL
+    finally:
+        server.stop()
+
+
+def test_torchs_documented_usage_with_only_the_import_changed() -> None:
+    """The names and call shapes of torch's docs work on hangwatch's module unchanged."""
+    import torch.distributed.elastic.timer as ttimer
+
+    for name in ttimer.__all__ if hasattr(ttimer, "__all__") else dir(ttimer):
+        if (not name.startswith("_") and name[0].isupper()) or name in ("configure", "expires"):
+            assert hasattr(hangwatch, name), f"hangwatch lacks torch's {name}"
+    q = spawn.Queue()
+    server = hangwatch.LocalTimerServer(q, max_interval=0.01)
+    server.start()
+    hangwatch.configure(hangwatch.LocalTimerClient(q))
+    with hangwatch.expires(after=60):
+        time.sleep(0.01)
+    server.stop()
