@@ -14,6 +14,7 @@ torch's documented usage works unchanged::
 
 from __future__ import annotations
 
+import logging
 import sys
 
 if sys.platform == "win32":  # pragma: no cover - refused before anything else is imported
@@ -26,6 +27,9 @@ from .api import RequestQueue, TimerClient, TimerRequest, TimerServer, configure
 from .events import Event
 from .file import FileTimerClient, FileTimerRequest, FileTimerServer, ServerUnavailableError
 from .local import LocalTimerClient, LocalTimerServer, MultiprocessingRequestQueue
+
+# A library does not print unless the application configures logging (then every event shows).
+logging.getLogger("hangwatch").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 

@@ -145,14 +145,8 @@ class PidTimerServer(TimerServer):
         scope = None if request is None else request.scope_id
         pin = self._pins.get(pid)
         if pin is None:
-            reason = refuse_target(pid)
-            if reason is not None:
-                self._events.emit("reap failed", worker=pid, scope=scope, reason=reason)
-                return True
-            try:
-                pin = ProcessPin(pid)
-            except ProcessLookupError:
-                self._events.emit("worker exited", worker=pid, scope=scope, reason="not running; not signalled")
+            pin = self._take_pin(pid, scope, refusal="reap failed")
+            if pin is None:
                 return True
         try:
             pin.send_signal(signum)
@@ -175,18 +169,23 @@ class PidTimerServer(TimerServer):
 
     # ----------------------------------------------------------------- worker identity
 
-    def _pin(self, pid: Any, scope: str) -> bool:
+    def _take_pin(self, pid: Any, scope: Optional[str], refusal: str) -> Optional[ProcessPin]:
+        """Validate ``pid`` and pin it; None (with a ``refusal`` or ``worker exited`` event) if that fails."""
         reason = refuse_target(pid)
-        if reason is not None:
-            self._events.emit("bad request", worker=pid, scope=scope, reason=reason)
-            return False
-        try:
-            pin = ProcessPin(pid)
-        except ProcessLookupError:
-            self._events.emit("worker exited", worker=pid, scope=scope, reason="exited before its timer arrived")
-            return False
-        except PermissionError as exc:
-            self._events.emit("bad request", worker=pid, scope=scope, reason=f"cannot watch process: {exc}")
+        if reason is None:
+            try:
+                return ProcessPin(pid)
+            except ProcessLookupError:
+                self._events.emit("worker exited", worker=pid, scope=scope, reason="not running; never signalled")
+                return None
+            except PermissionError as exc:
+                reason = f"cannot watch process: {exc}"
+        self._events.emit(refusal, worker=pid, scope=scope, reason=reason)
+        return None
+
+    def _pin(self, pid: Any, scope: str) -> bool:
+        pin = self._take_pin(pid, scope, refusal="bad request")
+        if pin is None:
             return False
         self._pins[pid] = pin
         if pin.fileno() >= 0:
