@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import hangwatch
 
@@ -66,9 +66,10 @@ def _client_loop(lib: str, pair: str, endpoint: Any, blocks: int, default_scope:
     conn.send((time.perf_counter() - t0, done, error))
 
 
-def _stuck(lib: str, pair: str, endpoint: Any, after: float) -> None:
+def _stuck(lib: str, pair: str, endpoint: Any, after: float, deadline: Any) -> None:
     mod: Any = hangwatch if lib == "hangwatch" else ttimer
     mod.configure(_make_client(lib, pair, endpoint))
+    deadline.value = time.time() + after
     with mod.expires(after=after, scope="stuck"):
         time.sleep(3600)
 
@@ -76,28 +77,44 @@ def _stuck(lib: str, pair: str, endpoint: Any, after: float) -> None:
 # ------------------------------------------------------------------ servers
 
 
+def _torch_file_server(path: str) -> None:
+    """Torch's FileTimerServer, in a process of its own: it signals its own process after a reap."""
+    server = ttimer.FileTimerServer(path, "bench")
+    server.start()
+    time.sleep(3600)
+
+
 class Servers:
     """Starts one server of a (library, pair) and hands out its endpoint."""
 
-    def __init__(self, lib: str, pair: str, log_event: Optional[Callable[[str, Any], None]] = None) -> None:
+    def __init__(self, lib: str, pair: str) -> None:
         self.lib, self.pair = lib, pair
+        self.process: Optional[Any] = None
         mod: Any = hangwatch if lib == "hangwatch" else ttimer
         if pair == "local":
             self.endpoint: Any = ctx.Queue()
-            if lib == "hangwatch":
-                self.server = mod.LocalTimerServer(self.endpoint, log_event=log_event)
-            else:
-                self.server = mod.LocalTimerServer(self.endpoint)
+            self.server = mod.LocalTimerServer(self.endpoint)
+            self.server.start()
+            return
+        self.endpoint = os.path.join(tempfile.mkdtemp(prefix="hw-bench-"), "timer.fifo")
+        if lib == "hangwatch":
+            self.server = mod.FileTimerServer(self.endpoint, "bench")
+            self.server.start()
         else:
-            self.endpoint = os.path.join(tempfile.mkdtemp(prefix="hw-bench-"), "timer.fifo")
-            self.server = mod.FileTimerServer(self.endpoint, "bench", log_event=log_event)
-        self.server.start()
+            self.process = ctx.Process(target=_torch_file_server, args=(self.endpoint,), daemon=True)
+            self.process.start()
+            deadline = time.monotonic() + 120
+            while not os.path.exists(self.endpoint) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.lib == "torch":
-            self.server._stop_signaled = True  # torch's stop() waits up to max_interval (60 s)
-            if self.pair == "file" and os.path.exists(self.endpoint):
+        if self.process is not None:
+            self.process.kill()
+            self.process.join()
+            if os.path.exists(self.endpoint):
                 os.remove(self.endpoint)
+        elif self.lib == "torch":
+            self.server._stop_signaled = True  # torch's stop() waits up to max_interval (60 s)
         else:
             self.server.stop()
 
@@ -116,27 +133,24 @@ def per_block(lib: str, pair: str, blocks: int, default_scope: bool) -> Dict[str
 
 
 def reap_latency(lib: str, pair: str, samples: int, after: float = 0.3) -> Dict[str, Any]:
-    late: List[float] = []
-
-    def on_event(name: str, request: Any) -> None:
-        if name == "kill worker process" and request is not None:
-            late.append(time.time() - request.expiration_time)
-
-    servers = Servers(lib, pair, log_event=on_event if lib == "hangwatch" or pair == "file" else None)
+    """Seconds from a stuck worker's deadline until the parent sees it dead, the same way for every pair."""
+    late_ms: List[float] = []
+    servers = Servers(lib, pair)
     try:
         for _ in range(samples):
-            p = ctx.Process(target=_stuck, args=(lib, pair, servers.endpoint, after))
-            started = time.time()
+            deadline = ctx.Value("d", 0.0)
+            p = ctx.Process(target=_stuck, args=(lib, pair, servers.endpoint, after, deadline))
             p.start()
-            p.join(120)
+            p.join(120)  # returns as soon as the worker dies (it waits on the process sentinel)
+            died = time.time()
             if p.is_alive():
                 p.kill()
                 p.join()
-            if lib == "torch" and pair == "local":  # torch's Local server reports no events
-                late.append(time.time() - started - after)
+            elif deadline.value:
+                late_ms.append((died - deadline.value) * 1000)
     finally:
         servers.stop()
-    late_ms = sorted(x * 1000 for x in late)
+    late_ms.sort()
     return {
         "samples": len(late_ms),
         "median_ms": statistics.median(late_ms) if late_ms else None,
