@@ -123,8 +123,9 @@ class TestExpires:
     def test_default_scope_is_the_callers_file_and_line(self) -> None:
         """Without scope=, the scope is '<this file>#<line of the with statement>'."""
         client = RecordingClient()
-        expected = here()
-        guard = hangwatch.expires(after=1, client=client)
+        file, _, line = here().rpartition("#")
+        guard = hangwatch.expires(after=1, client=client)  # the line after here()
+        expected = f"{file}#{int(line) + 1}"
         with guard:
             pass
         assert client.calls[0][1] == expected
