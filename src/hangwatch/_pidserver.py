@@ -48,6 +48,7 @@ class PidTimerServer(TimerServer):
         super().__init__(request_queue, max_interval, daemon)
         self._book: DeadlineBook[int, TimerRequest] = DeadlineBook()
         self._pins: Dict[int, ProcessPin] = {}
+        self._polled_pins: Dict[int, ProcessPin] = {}  # pins without a descriptor to watch (no pidfd)
         self._events = EventEmitter(log_event)
         self._request_count = 0
 
@@ -190,11 +191,14 @@ class PidTimerServer(TimerServer):
         self._pins[pid] = pin
         if pin.fileno() >= 0:
             self._watch_fd(pin.fileno(), lambda: self._worker_gone(pid))
+        else:
+            self._polled_pins[pid] = pin
         return True
 
     def _worker_gone(self, pid: int) -> None:
         """The worker exited: drop its timers and its pin."""
         pin = self._pins.pop(pid, None)
+        self._polled_pins.pop(pid, None)
         if pin is not None:
             if pin.fileno() >= 0:
                 self._unwatch_fd(pin.fileno())
@@ -210,8 +214,8 @@ class PidTimerServer(TimerServer):
 
     def _check_pins(self) -> None:
         """Drop the workers that exited (for pins without a descriptor to watch)."""
-        for pid, pin in list(self._pins.items()):
-            if pin.fileno() < 0 and not pin.alive():
+        for pid, pin in list(self._polled_pins.items()):
+            if not pin.alive():
                 self._worker_gone(pid)
 
     def _expire_and_reap(self) -> None:
@@ -228,6 +232,7 @@ class PidTimerServer(TimerServer):
 
     def close_pins(self) -> None:
         """Release every worker pin (the server forgets its workers' timers too)."""
+        self._polled_pins.clear()
         for pid in list(self._pins):
             pin = self._pins.pop(pid)
             if pin.fileno() >= 0:

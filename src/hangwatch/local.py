@@ -69,11 +69,8 @@ class MultiprocessingRequestQueue(RequestQueue):
         self._mp_queue = mp_queue
 
     def size(self) -> int:
-        """How many requests are in the queue (0 where the platform cannot tell)."""
-        try:
-            return int(self._mp_queue.qsize())
-        except NotImplementedError:
-            return 0
+        """How many requests are in the queue (raises NotImplementedError where the platform cannot tell)."""
+        return int(self._mp_queue.qsize())
 
     def get(self, size: int, timeout: float) -> List[TimerRequest]:
         """Up to ``size`` requests, waiting at most ``timeout`` seconds in all."""
