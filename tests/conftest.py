@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
 
@@ -78,3 +79,15 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def run_worker(target: Callable[..., Any], *args: Any, timeout: float = 30, ctx: Optional[Any] = None) -> Any:
+    """Run ``target(*args)`` in a child process (spawn by default) to its end; kill it and fail if it overstays."""
+    p = (ctx or mp.get_context("spawn")).Process(target=target, args=args)
+    p.start()
+    p.join(timeout)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        pytest.fail(f"worker {target.__name__} was still running after {timeout} s")
+    return p

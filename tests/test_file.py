@@ -18,7 +18,7 @@ import hangwatch
 from hangwatch import FileTimerClient, FileTimerServer, ServerUnavailableError
 
 import _workers
-from conftest import EventLog, alive, wait_for
+from conftest import EventLog, alive, run_worker, wait_for
 
 spawn = mp.get_context("spawn")
 
@@ -29,17 +29,6 @@ def server(fifo_path: str):
     srv.start()
     yield srv
     srv.stop()
-
-
-def run_worker(target, *args, timeout: float = 30) -> mp.Process:
-    p = spawn.Process(target=target, args=args)
-    p.start()
-    p.join(timeout)
-    if p.is_alive():
-        p.kill()
-        p.join()
-        pytest.fail(f"worker {target.__name__} was still running after {timeout} s")
-    return p
 
 
 class TestReaping:

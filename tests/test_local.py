@@ -12,7 +12,7 @@ import pytest
 import hangwatch
 
 import _workers
-from conftest import EventLog, wait_for
+from conftest import EventLog, run_worker, wait_for
 
 START_METHODS = ["spawn", "fork", "forkserver"]
 
@@ -37,9 +37,7 @@ class TestLocalPair:
     def test_stuck_worker_is_killed_soon_after_its_deadline(self, local, events: EventLog) -> None:
         """A worker stuck past a 0.5 s deadline dies by SIGKILL within seconds, not max_interval (60 s)."""
         ctx, server = local
-        p = ctx.Process(target=_workers.stuck_local, args=(_queue(server), 0.5))
-        p.start()
-        p.join(timeout=20)
+        p = run_worker(_workers.stuck_local, _queue(server), 0.5, timeout=20, ctx=ctx)
         assert p.exitcode == -signal.SIGKILL
         kills = events.named("kill worker process")
         assert [e.worker for e in kills] == [p.pid]
@@ -49,9 +47,7 @@ class TestLocalPair:
     def test_finishing_worker_is_left_alone(self, local, events: EventLog) -> None:
         """A worker that leaves its blocks in time exits normally and holds no timer afterwards."""
         ctx, server = local
-        p = ctx.Process(target=_workers.finishing_local, args=(_queue(server), 500))
-        p.start()
-        p.join(timeout=30)
+        p = run_worker(_workers.finishing_local, _queue(server), 500, timeout=30, ctx=ctx)
         assert p.exitcode == 0
         assert wait_for(lambda: server.request_count >= 1002, 10)
         assert server.active_timers == 0
@@ -60,9 +56,7 @@ class TestLocalPair:
     def test_worker_exiting_with_a_timer_is_not_signalled(self, local, events: EventLog) -> None:
         """A worker that exits holding a timer has its timers dropped at once and is never signalled."""
         ctx, server = local
-        p = ctx.Process(target=_workers.exits_holding_local, args=(_queue(server), 2.0))
-        p.start()
-        p.join(timeout=20)
+        p = run_worker(_workers.exits_holding_local, _queue(server), 2.0, timeout=20, ctx=ctx)
         assert p.exitcode == 0
         assert wait_for(lambda: events.named("worker exited"), 5)
         assert server.active_timers == 0
@@ -79,9 +73,7 @@ class TestRecursion:
         server = hangwatch.LocalTimerServer(q)
         server.start()
         try:
-            p = ctx.Process(target=_workers.recursion_local, args=(q, 1.0))
-            p.start()
-            p.join(timeout=20)
+            p = run_worker(_workers.recursion_local, q, 1.0, timeout=20, ctx=ctx)
             assert p.exitcode == 0  # running 1 s past the inner 0.3 s deadline did not get it killed
             assert events.named("kill worker process") == []
         finally:
@@ -94,9 +86,7 @@ class TestRecursion:
         server = hangwatch.LocalTimerServer(q)
         server.start()
         try:
-            p = ctx.Process(target=_workers.recursion_stuck_local, args=(q,))
-            p.start()
-            p.join(timeout=20)
+            p = run_worker(_workers.recursion_stuck_local, q, timeout=20, ctx=ctx)
             assert p.exitcode == -signal.SIGKILL
         finally:
             server.stop()
@@ -109,9 +99,7 @@ def test_log_event_gets_torchs_names() -> None:
     q = ctx.Queue()
     server = hangwatch.LocalTimerServer(q, max_interval=60, log_event=lambda name, req: seen.append((name, req)))
     server.start()
-    p = ctx.Process(target=_workers.stuck_local, args=(q, 0.2))
-    p.start()
-    p.join(timeout=20)
+    p = run_worker(_workers.stuck_local, q, 0.2, timeout=20, ctx=ctx)
     server.stop()
     names = [n for n, _ in seen]
     assert names == ["watchdog started", "timer expired", "kill worker process", "watchdog stopped"]

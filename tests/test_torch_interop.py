@@ -8,23 +8,13 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
-
 import hangwatch
 
 import _workers
-from conftest import EventLog, needs_torch, wait_for
+from conftest import EventLog, needs_torch, run_worker, wait_for
 
 pytestmark = needs_torch
 spawn = mp.get_context("spawn")
-
-
-def _join(p: mp.Process, timeout: float) -> None:
-    p.join(timeout)
-    if p.is_alive():
-        p.kill()
-        p.join()
-        pytest.fail(f"process {p.pid} still running after {timeout} s")
 
 
 def test_torch_file_client_on_our_server(fifo_path: str, events: EventLog) -> None:
@@ -32,9 +22,7 @@ def test_torch_file_client_on_our_server(fifo_path: str, events: EventLog) -> No
     server = hangwatch.FileTimerServer(fifo_path, "interop")
     server.start()
     try:
-        p = spawn.Process(target=_workers.torch_stuck_file, args=(fifo_path, 0.5))
-        p.start()
-        _join(p, 60)
+        p = run_worker(_workers.torch_stuck_file, fifo_path, 0.5, timeout=60)
         assert p.exitcode == -signal.SIGKILL
         assert [e.scope for e in events.named("kill worker process")] == ["torch-client"]
     finally:
@@ -51,9 +39,7 @@ def test_our_file_client_on_torchs_server(tmp_path: Path) -> None:
     torch_server.start()
     try:
         assert wait_for(lambda: os.path.exists(path), 60), "torch's server did not create its FIFO"
-        worker = spawn.Process(target=_workers.stuck_file, args=(path, 0.5, int(signal.SIGKILL)))
-        worker.start()
-        _join(worker, 60)
+        worker = run_worker(_workers.stuck_file, path, 0.5, int(signal.SIGKILL), timeout=60)
         assert worker.exitcode == -signal.SIGKILL
     finally:
         if torch_server.is_alive():
@@ -82,9 +68,7 @@ def test_torch_local_client_on_our_server() -> None:
     server = hangwatch.LocalTimerServer(q)
     server.start()
     try:
-        p = spawn.Process(target=_workers.torch_stuck_local, args=(q, 0.5))
-        p.start()
-        _join(p, 60)
+        p = run_worker(_workers.torch_stuck_local, q, 0.5, timeout=60)
         assert p.exitcode == -signal.SIGKILL
     finally:
         server.stop()
@@ -98,9 +82,7 @@ def test_our_local_client_on_torchs_server() -> None:
     server = ttimer.LocalTimerServer(q, max_interval=0.1)
     server.start()
     try:
-        p = spawn.Process(target=_workers.stuck_local, args=(q, 0.3))
-        p.start()
-        _join(p, 60)
+        p = run_worker(_workers.stuck_local, q, 0.3, timeout=60)
         assert p.exitcode == -signal.SIGKILL
     finally:
         server.stop()
