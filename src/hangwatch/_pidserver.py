@@ -195,14 +195,18 @@ class PidTimerServer(TimerServer):
             self._polled_pins[pid] = pin
         return True
 
-    def _worker_gone(self, pid: int) -> None:
-        """The worker exited: drop its timers and its pin."""
+    def _release_pin(self, pid: int) -> None:
+        """Forget the worker's pin: stop watching it and close it."""
         pin = self._pins.pop(pid, None)
         self._polled_pins.pop(pid, None)
         if pin is not None:
             if pin.fileno() >= 0:
                 self._unwatch_fd(pin.fileno())
             pin.close()
+
+    def _worker_gone(self, pid: int) -> None:
+        """The worker exited: drop its timers and its pin."""
+        self._release_pin(pid)
         dropped = self._book.drop_worker(pid)
         if dropped:
             self._events.emit(
@@ -232,12 +236,8 @@ class PidTimerServer(TimerServer):
 
     def close_pins(self) -> None:
         """Release every worker pin (the server forgets its workers' timers too)."""
-        self._polled_pins.clear()
         for pid in list(self._pins):
-            pin = self._pins.pop(pid)
-            if pin.fileno() >= 0:
-                self._unwatch_fd(pin.fileno())
-            pin.close()
+            self._release_pin(pid)
         for pid in list(self._book.workers()):
             self._book.drop_worker(pid)
 
