@@ -23,8 +23,9 @@ if sys.platform == "win32":  # pragma: no cover - refused before anything else i
         "signals and talks to them over named pipes"
     )
 
+from ._reaper import ReapPolicy
 from .api import RequestQueue, TimerClient, TimerRequest, TimerServer, configure, expires, get_configured_client
-from .events import Event
+from .events import EVENT_NAMES, Event, JsonLinesSink
 from .file import FileTimerClient, FileTimerRequest, FileTimerServer, ServerUnavailableError
 from .local import LocalTimerClient, LocalTimerServer, MultiprocessingRequestQueue
 
@@ -34,13 +35,16 @@ logging.getLogger("hangwatch").addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
+    "EVENT_NAMES",
     "Event",
     "FileTimerClient",
     "FileTimerRequest",
     "FileTimerServer",
+    "JsonLinesSink",
     "LocalTimerClient",
     "LocalTimerServer",
     "MultiprocessingRequestQueue",
+    "ReapPolicy",
     "RequestQueue",
     "ServerUnavailableError",
     "TimerClient",

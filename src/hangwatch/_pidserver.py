@@ -4,28 +4,98 @@ Deadlines arrive as wall-clock ``expiration_time`` values (torch's wire format) 
 turned into ``time.monotonic()`` deadlines on receipt, so a later wall-clock jump
 changes nothing. Each worker is pinned (see :mod:`hangwatch._reaper`) when its first
 timer arrives; its exit drops its timers at once.
+
+Reaping is a small state machine per worker, driven by the watchdog loop so that no
+step blocks it: collect the stack (if the worker registered a dump handler), send the
+policy's first signal, wait (the worker's exit ends the reap at once), send the next,
+and report a worker that outlives the last signal.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Union
 
 from ._deadlines import DeadlineBook
-from ._reaper import ProcessPin, refuse_target
+from ._reaper import (
+    DumpReader,
+    ProcessPin,
+    ReapPolicy,
+    check_policy,
+    process_state,
+    refuse_target,
+    signal_name,
+    start_time,
+)
+from ._worker import WorkerInfo, parse_identity
 from .api import RequestQueue, TimerRequest, TimerServer
-from .events import EventEmitter
+from .events import EventEmitter, EventSink, JsonLinesSink
 
 __all__ = ["PidTimerServer"]
 
+# How often the size of a worker's dump file is checked while its stack is being written.
+_DUMP_POLL = 0.002
+# How long before retrying a signal that failed for a reason other than permissions or exit.
+_SIGNAL_RETRY = 1.0
+# For pins without a descriptor to watch: how often a worker being reaped is checked for its exit.
+_POLLED_EXIT_CHECK = 0.05
 
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return str(signum)
+
+class _Reap:
+    """One worker being reaped: where it is in its policy."""
+
+    __slots__ = (
+        "dump_deadline",
+        "first_signal_at",
+        "last_signal",
+        "last_size",
+        "late_s",
+        "next_at",
+        "pid",
+        "pin",
+        "policy",
+        "reader",
+        "request",
+        "scopes",
+        "stack",
+        "stack_note",
+        "step",
+    )
+
+    def __init__(self, pid: int, pin: ProcessPin, request: TimerRequest, policy: ReapPolicy, late_s: float) -> None:
+        self.pid = pid
+        self.pin = pin
+        self.request = request
+        self.policy = policy
+        self.late_s = late_s
+        self.scopes: List[str] = []
+        self.step = 0
+        self.next_at = 0.0
+        self.reader: Optional[DumpReader] = None
+        self.dump_deadline = 0.0
+        self.last_size = -1
+        self.stack: Optional[str] = None
+        self.stack_note: Optional[str] = None
+        self.first_signal_at: Optional[float] = None
+        self.last_signal = 0
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+
+def _check_pids(pids: Optional[Iterable[int]]) -> Optional[frozenset[int]]:
+    if pids is None:
+        return None
+    checked = frozenset(pids)
+    bad = [p for p in checked if isinstance(p, bool) or not isinstance(p, int) or p <= 1]
+    if bad:
+        raise ValueError(f"allowed_pids must be worker pids > 1 (got {sorted(bad, key=repr)!r})")
+    return checked
 
 
 class PidTimerServer(TimerServer):
@@ -36,6 +106,17 @@ class PidTimerServer(TimerServer):
         max_interval: the longest one wait of the loop, in seconds.
         daemon: whether the watchdog thread is a daemon thread.
         log_event: torch's event callback (see :mod:`hangwatch.events`).
+        reap_policy: how workers are reaped unless their request says otherwise
+            (default: stack dump if registered, then SIGKILL, as torch).
+        allowed_pids: if given, only these pids are ever pinned or signalled; requests
+            naming another pid are refused (see :meth:`set_allowed_pids`).
+        event_file: append every event to this file as JSON lines.
+        on_event: called with every :class:`~hangwatch.Event` (from the watchdog thread).
+        pin: how a worker is pinned and signalled (default :class:`ProcessPin`); tests
+            pass a recorder.
+
+    Raises:
+        ValueError: ``max_interval`` is not a finite number > 0, or ``allowed_pids`` holds a pid <= 1.
     """
 
     def __init__(
@@ -44,19 +125,72 @@ class PidTimerServer(TimerServer):
         max_interval: float,
         daemon: bool = True,
         log_event: Optional[Callable[[str, Any], None]] = None,
+        *,
+        reap_policy: Optional[ReapPolicy] = None,
+        allowed_pids: Optional[Iterable[int]] = None,
+        event_file: Union[str, os.PathLike[str], None] = None,
+        on_event: Optional[EventSink] = None,
+        pin: Callable[[int], ProcessPin] = ProcessPin,
     ) -> None:
         super().__init__(request_queue, max_interval, daemon)
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"on_event must be callable (got {on_event!r})")
+        self._reap_policy = check_policy(reap_policy) or ReapPolicy()
+        self._allowed = _check_pids(allowed_pids)
+        self._new_pin = pin
         self._book: DeadlineBook[int, TimerRequest] = DeadlineBook()
         self._pins: Dict[int, ProcessPin] = {}
         self._polled_pins: Dict[int, ProcessPin] = {}  # pins without a descriptor to watch (no pidfd)
-        self._events = EventEmitter(log_event)
+        self._dumps: Dict[int, tuple[int, int]] = {}  # pid -> (dump signal, dump fd) it registered
+        self._reaps: Dict[int, _Reap] = {}
+        sinks: List[EventSink] = []
+        if event_file is not None:
+            sinks.append(JsonLinesSink(event_file))
+        if on_event is not None:
+            sinks.append(on_event)
+        self._events = EventEmitter(log_event, sinks)
         self._request_count = 0
 
-    # ----------------------------------------------------------------- the request's signal
+    # ----------------------------------------------------------------- configuration
 
-    def _signal_of(self, request: TimerRequest) -> int:
-        """The signal that reaps the worker of an expired ``request`` (<= 0: do not signal)."""
-        return int(signal.SIGKILL)
+    def set_allowed_pids(self, pids: Optional[Iterable[int]]) -> None:
+        """Reap only these worker pids from now on (None: any pid that passes the safety checks).
+
+        Thread-safe. The agent calls it with each new worker group. A request naming another
+        pid is refused (``bad request``); an expired worker no longer on the list is not
+        signalled (``reap refused``).
+
+        Raises:
+            ValueError: a pid is not an int > 1.
+        """
+        self._allowed = _check_pids(pids)
+
+    @property
+    def allowed_pids(self) -> Optional[frozenset[int]]:
+        """The pids this server may reap, or None for any (subject to the safety checks)."""
+        return self._allowed
+
+    @property
+    def reap_policy(self) -> ReapPolicy:
+        """How workers are reaped unless their request chooses otherwise."""
+        return self._reap_policy
+
+    def _default_policy(self, request: TimerRequest) -> ReapPolicy:
+        """The policy of a request that did not choose one: the server's (the FIFO server reads its signal)."""
+        return self._reap_policy
+
+    def _policy_of(self, request: TimerRequest) -> ReapPolicy:
+        ext = getattr(request, "hangwatch", None)
+        if ext is not None:
+            try:
+                chosen = parse_identity(ext).policy
+            except ValueError:  # refused on receipt; cannot be here
+                chosen = None
+            if isinstance(chosen, ReapPolicy):
+                return chosen
+            if chosen == "server":
+                return self._reap_policy
+        return self._default_policy(request)
 
     # ----------------------------------------------------------------- torch's extension points
 
@@ -95,8 +229,18 @@ class PidTimerServer(TimerServer):
             if not math.isfinite(expiration):
                 self._events.emit("bad request", worker=pid, scope=scope, reason="expiration_time is infinite")
                 continue
-            if pid not in self._pins and not self._pin(pid, scope):
+            info: Optional[WorkerInfo] = None
+            ext = getattr(request, "hangwatch", None)
+            if ext is not None:
+                try:
+                    info = parse_identity(ext)
+                except ValueError as exc:
+                    self._events.emit("bad request", worker=pid, scope=scope, reason=str(exc))
+                    continue
+            if pid not in self._pins and not self._pin(pid, scope, info):
                 continue
+            if info is not None and info.dump_signal:
+                self._dumps[pid] = (info.dump_signal, info.dump_fd)
             book.set(pid, scope, expiration + offset, request)
 
     def clear_timers(self, worker_ids: Set[Any]) -> None:
@@ -109,11 +253,16 @@ class PidTimerServer(TimerServer):
         return self._book.expired(deadline + (time.monotonic() - time.time()))
 
     def _reap_worker(self, worker_id: Any) -> bool:
-        """Kill the worker with SIGKILL through its pin; True when done (or it is already gone)."""
-        return self._signal_worker(worker_id, int(signal.SIGKILL), None)
+        """Kill the worker with SIGKILL through its pin, at once; True when done (or it is already gone)."""
+        return self._signal_now(worker_id, int(signal.SIGKILL))
 
     def _next_deadline(self) -> Optional[float]:
         deadline = self._book.next_deadline()
+        if self._reaps:
+            step = min(job.next_at for job in self._reaps.values())
+            if self._polled_pins:
+                step = min(step, time.monotonic() + _POLLED_EXIT_CHECK)
+            deadline = step if deadline is None else min(deadline, step)
         return None if deadline is None else deadline - time.monotonic()
 
     # ----------------------------------------------------------------- reaping
@@ -121,7 +270,6 @@ class PidTimerServer(TimerServer):
     def _reap_expired(self, worker_id: Any, expired_timers: List[TimerRequest]) -> bool:
         now = time.time()
         expired = sorted(expired_timers, key=lambda r: r.expiration_time)
-        chosen: Optional[TimerRequest] = None
         for request in expired:
             self._events.emit(
                 "timer expired",
@@ -130,85 +278,255 @@ class PidTimerServer(TimerServer):
                 request=request,
                 late_s=round(now - request.expiration_time, 6),
             )
-            if chosen is None and self._signal_of(request) > 0:
-                chosen = request
-        if chosen is None:
+        if worker_id in self._reaps:
+            return True  # already being reaped
+        allowed = self._allowed
+        if allowed is not None and worker_id not in allowed:
             self._events.emit(
-                "expired, not signalled",
+                "reap refused",
                 worker=worker_id,
                 scopes=[r.scope_id for r in expired],
-                reason="the expired timers asked for no signal (signal <= 0)",
+                reason="not one of this server's workers (allowed_pids); not signalled",
             )
             return True
-        return self._signal_worker(worker_id, self._signal_of(chosen), chosen)
+        chosen, policy = expired[0], self._policy_of(expired[0])
+        if not policy.signals:  # the first timer with a signal decides, as torch's
+            for request in expired[1:]:
+                candidate = self._policy_of(request)
+                if candidate.signals:
+                    chosen, policy = request, candidate
+                    break
+        pin = self._pins.get(worker_id)
+        if pin is None:
+            if not self._pin(worker_id, chosen.scope_id, None, refusal="reap failed"):
+                return True
+            pin = self._pins[worker_id]
+        job = _Reap(worker_id, pin, chosen, policy, round(now - chosen.expiration_time, 6))
+        job.scopes = [r.scope_id for r in expired]
+        self._reaps[worker_id] = job
+        self._start_dump(job)
+        if job.reader is None and worker_id in self._reaps:
+            self._next_step(job)
+        return True
 
-    def _signal_worker(self, pid: Any, signum: int, request: Optional[TimerRequest]) -> bool:
-        scope = None if request is None else request.scope_id
+    def _start_dump(self, job: _Reap) -> None:
+        """Ask the worker for its stack, if the policy wants it and the worker registered a handler."""
+        if not job.policy.dump:
+            return
+        channel = self._dumps.get(job.pid)
+        if channel is None:
+            job.stack_note = "no stack: the worker registered no dump handler (e.g. a torch client)"
+            return
+        signum, fd = channel
+        try:
+            reader = DumpReader(job.pid, fd)
+        except (OSError, ValueError) as exc:
+            job.stack_note = f"no stack: cannot open the worker's dump file ({exc})"
+            return
+        if not job.pin.alive():  # the file may belong to a later process with the pid
+            reader.close()
+            self._worker_gone(job.pid)
+            return
+        try:
+            job.pin.send_signal(signum)
+        except ProcessLookupError:
+            reader.close()
+            self._worker_gone(job.pid)
+            return
+        except OSError as exc:
+            reader.close()
+            job.stack_note = f"no stack: sending {signal_name(signum)} failed ({exc})"
+            return
+        job.reader = reader
+        now = time.monotonic()
+        job.dump_deadline = now + job.policy.dump_timeout
+        job.next_at = now + _DUMP_POLL
+
+    def _advance_reaps(self) -> None:
+        """Move each reap whose next step is due."""
+        if not self._reaps:
+            return
+        now = time.monotonic()
+        for job in [j for j in self._reaps.values() if j.next_at <= now]:
+            if job.pid not in self._reaps:
+                continue  # ended by an earlier step of this round
+            reader = job.reader
+            if reader is None:
+                self._next_step(job)
+                continue
+            size = reader.size()
+            if not (size > 0 and size == job.last_size) and now < job.dump_deadline:
+                job.last_size = size
+                job.next_at = now + _DUMP_POLL
+                continue
+            job.stack = reader.read() or None
+            if job.stack is None:
+                job.stack_note = (
+                    f"no stack within {job.policy.dump_timeout:g} s (worker state: {process_state(job.pid)})"
+                )
+            job.close()
+            self._next_step(job)
+
+    def _next_step(self, job: _Reap) -> None:
+        """Send the policy's next signal, or end the reap."""
+        policy = job.policy
+        if job.step >= len(policy.signals):
+            self._end_reap(job)
+            return
+        signum = policy.signals[job.step]
+        try:
+            job.pin.send_signal(signum)
+        except ProcessLookupError:
+            self._worker_gone(job.pid)
+            return
+        except PermissionError as exc:
+            self._events.emit(
+                "reap failed", worker=job.pid, scope=job.request.scope_id, signal=signal_name(signum), reason=str(exc)
+            )
+            self._drop_reap(job)
+            return
+        except OSError as exc:
+            self._events.emit(
+                "reap failed",
+                worker=job.pid,
+                scope=job.request.scope_id,
+                signal=signal_name(signum),
+                reason=f"{exc}; will retry",
+            )
+            job.next_at = time.monotonic() + _SIGNAL_RETRY
+            return
+        details: Dict[str, Any] = {"signal": signal_name(signum), "step": f"{job.step + 1}/{len(policy.signals)}"}
+        if job.step == 0:
+            job.first_signal_at = time.monotonic()
+            details["late_s"] = job.late_s
+            if len(job.scopes) > 1:
+                details["scopes"] = job.scopes
+            if job.stack is not None:
+                details["stack"] = job.stack
+            elif job.stack_note is not None:
+                details["stack_note"] = job.stack_note
+        else:
+            details["reason"] = f"still alive {policy.grace:g} s after {signal_name(job.last_signal)}"
+        job.step += 1
+        job.last_signal = signum
+        job.next_at = time.monotonic() + (policy.grace if job.step < len(policy.signals) else policy.exit_wait())
+        self._events.emit(
+            "kill worker process", worker=job.pid, scope=job.request.scope_id, request=job.request, **details
+        )
+        if job.step == 1:
+            self._after_first_signal(job.pid, signum)
+
+    def _end_reap(self, job: _Reap) -> None:
+        """Every signal was sent (or none was asked for) and the worker is still alive: say so."""
+        if not job.policy.signals:
+            details: Dict[str, Any] = {"scopes": job.scopes, "reason": "the expired timer asked for no signal"}
+            if job.stack is not None:
+                details["stack"] = job.stack
+            elif job.stack_note is not None:
+                details["stack_note"] = job.stack_note
+            self._events.emit("expired, not signalled", worker=job.pid, scope=job.request.scope_id, **details)
+        else:
+            self._events.emit(
+                "reap failed",
+                worker=job.pid,
+                scope=job.request.scope_id,
+                signal=signal_name(job.last_signal),
+                reason=(
+                    f"still alive {job.policy.exit_wait():g} s after {signal_name(job.last_signal)}; "
+                    f"state: {process_state(job.pid)}"
+                ),
+            )
+        self._drop_reap(job)
+
+    def _drop_reap(self, job: _Reap) -> None:
+        job.close()
+        self._reaps.pop(job.pid, None)
+
+    def _after_first_signal(self, pid: int, signum: int) -> None:
+        """Called after a reap sent its first signal (FileTimerServer's opt-in self-kill hooks here)."""
+
+    def _signal_now(self, pid: Any, signum: int) -> bool:
+        """Send one signal through the worker's pin at once (torch's ``_reap_worker``); True unless to retry."""
         pin = self._pins.get(pid)
         if pin is None:
-            pin = self._take_pin(pid, scope, refusal="reap failed")
-            if pin is None:
+            if not self._pin(pid, None, None, refusal="reap failed"):
                 return True
+            pin = self._pins[pid]
         try:
             pin.send_signal(signum)
         except ProcessLookupError:
             self._worker_gone(pid)
             return True
         except PermissionError as exc:
-            self._events.emit("reap failed", worker=pid, scope=scope, signal=_signal_name(signum), reason=str(exc))
+            self._events.emit("reap failed", worker=pid, signal=signal_name(signum), reason=str(exc))
             return True
         except OSError as exc:
-            self._events.emit(
-                "reap failed", worker=pid, scope=scope, signal=_signal_name(signum), reason=f"{exc}; will retry"
-            )
+            self._events.emit("reap failed", worker=pid, signal=signal_name(signum), reason=f"{exc}; will retry")
             return False
-        finally:
-            if pid not in self._pins:
-                pin.close()
-        self._events.emit("kill worker process", worker=pid, scope=scope, request=request, signal=_signal_name(signum))
+        self._events.emit("kill worker process", worker=pid, signal=signal_name(signum))
         return True
 
     # ----------------------------------------------------------------- worker identity
 
-    def _take_pin(self, pid: Any, scope: Optional[str], refusal: str) -> Optional[ProcessPin]:
-        """Validate ``pid`` and pin it; None (with a ``refusal`` or ``worker exited`` event) if that fails."""
+    def _pin(self, pid: Any, scope: Optional[str], info: Optional[WorkerInfo], refusal: str = "bad request") -> bool:
+        """Validate ``pid``, pin it and watch for its exit; False (with an event) if it must not or cannot be."""
         reason = refuse_target(pid)
+        allowed = self._allowed
+        if reason is None and allowed is not None and pid not in allowed:
+            reason = f"pid {pid} is not one of this server's workers (allowed_pids)"
         if reason is None:
             try:
-                return ProcessPin(pid)
+                pin = self._new_pin(pid)
             except ProcessLookupError:
                 self._events.emit("worker exited", worker=pid, scope=scope, reason="not running; never signalled")
-                return None
+                return False
             except PermissionError as exc:
                 reason = f"cannot watch process: {exc}"
+            else:
+                if info is not None and info.start is not None and start_time(pid) != info.start:
+                    pin.close()
+                    self._events.emit(
+                        "worker exited",
+                        worker=pid,
+                        scope=scope,
+                        reason="the requesting process already exited and its pid now belongs to another "
+                        "process (start times differ); that process is never signalled",
+                    )
+                    return False
+                self._pins[pid] = pin
+                if pin.fileno() >= 0:
+                    self._watch_fd(pin.fileno(), lambda: self._worker_gone(pid))
+                else:
+                    self._polled_pins[pid] = pin
+                return True
         self._events.emit(refusal, worker=pid, scope=scope, reason=reason)
-        return None
-
-    def _pin(self, pid: Any, scope: str) -> bool:
-        pin = self._take_pin(pid, scope, refusal="bad request")
-        if pin is None:
-            return False
-        self._pins[pid] = pin
-        if pin.fileno() >= 0:
-            self._watch_fd(pin.fileno(), lambda: self._worker_gone(pid))
-        else:
-            self._polled_pins[pid] = pin
-        return True
+        return False
 
     def _release_pin(self, pid: int) -> None:
         """Forget the worker's pin: stop watching it and close it."""
         pin = self._pins.pop(pid, None)
         self._polled_pins.pop(pid, None)
+        self._dumps.pop(pid, None)
         if pin is not None:
             if pin.fileno() >= 0:
                 self._unwatch_fd(pin.fileno())
             pin.close()
 
     def _worker_gone(self, pid: int) -> None:
-        """The worker exited: drop its timers and its pin."""
+        """The worker exited: end its reap, drop its timers and its pin."""
+        job = self._reaps.pop(pid, None)
         self._release_pin(pid)
         dropped = self._book.drop_worker(pid)
-        if dropped:
+        if job is not None:
+            job.close()
+            details: Dict[str, Any] = {}
+            if job.first_signal_at is not None:
+                details["signal"] = signal_name(job.last_signal)
+                details["after_s"] = round(time.monotonic() - job.first_signal_at, 6)
+            else:
+                details["reason"] = "exited before it was signalled"
+            self._events.emit("worker reaped", worker=pid, scope=job.request.scope_id, **details)
+        elif dropped:
             self._events.emit(
                 "worker exited",
                 worker=pid,
@@ -224,18 +542,27 @@ class PidTimerServer(TimerServer):
 
     def _expire_and_reap(self) -> None:
         self._check_pins()
+        self._advance_reaps()
         super()._expire_and_reap()
 
     # ----------------------------------------------------------------- lifecycle
 
     def _on_started(self) -> None:
-        self._events.emit("watchdog started", server=type(self).__name__, max_interval=self._max_interval)
+        self._events.emit(
+            "watchdog started",
+            server=type(self).__name__,
+            max_interval=self._max_interval,
+            reap_policy=repr(self._reap_policy),
+        )
 
     def _on_stopped(self) -> None:
         self._events.emit("watchdog stopped", server=type(self).__name__)
+        self._events.close()
 
     def close_pins(self) -> None:
-        """Release every worker pin (the server forgets its workers' timers too)."""
+        """Release every worker pin (the server forgets its workers' timers and reaps in progress too)."""
+        for job in list(self._reaps.values()):
+            self._drop_reap(job)
         for pid in list(self._pins):
             self._release_pin(pid)
         for pid in list(self._book.workers()):

@@ -1,4 +1,4 @@
-"""How a worker is identified and signalled: target validation and process pins.
+"""How a worker dies: target validation, process pins, the reap policy, stack-dump collection.
 
 A :class:`ProcessPin` is taken when a worker's first timer arrives. On Linux it is a
 pidfd: signals go through it, so a pid that was recycled after the worker died is
@@ -6,17 +6,33 @@ never signalled, and it becomes readable when the worker exits, which tells the
 watchdog to drop that worker's timers without polling. Where pidfds are missing
 (old kernels, other systems) the pin remembers the process start time and checks it
 before each signal.
+
+A :class:`ReapPolicy` says what happens to a worker whose timer expired: collect its
+stack (if it registered a dump handler), then the signals to send, a grace period
+apart. A :class:`DumpReader` reads the stack dump a worker wrote into the in-memory
+file it registered (see :mod:`hangwatch._worker`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import signal
+import stat
 import sys
-from typing import Optional
+from typing import Any, Iterable, Optional, Tuple, Union
 
-__all__ = ["ProcessPin", "refuse_target"]
+__all__ = [
+    "DumpReader",
+    "ProcessPin",
+    "ReapPolicy",
+    "check_policy",
+    "process_state",
+    "refuse_target",
+    "signal_name",
+    "start_time",
+]
 
 _HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 
@@ -53,7 +69,7 @@ def refuse_target(pid: object) -> Optional[str]:
     return None
 
 
-def _start_time(pid: int) -> Optional[int]:
+def start_time(pid: int) -> Optional[int]:
     """The process start time in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -82,7 +98,7 @@ class ProcessPin:
         if _HAVE_PIDFD:
             self._fd = os.pidfd_open(pid)  # raises ProcessLookupError if it is gone
         else:
-            self._start = _start_time(pid)
+            self._start = start_time(pid)
             os.kill(pid, 0)  # raises ProcessLookupError if it is gone
             if self._start is None and sys.platform.startswith("linux"):
                 raise ProcessLookupError(pid)
@@ -96,7 +112,7 @@ class ProcessPin:
         if self._fd >= 0:
             ready, _, _ = select.select([self._fd], [], [], 0)
             return not ready
-        if self._start is not None and _start_time(self.pid) != self._start:
+        if self._start is not None and start_time(self.pid) != self._start:
             return False
         try:
             os.kill(self.pid, 0)
@@ -128,3 +144,250 @@ class ProcessPin:
 
     def __repr__(self) -> str:
         return f"ProcessPin(pid={self.pid})"
+
+
+def signal_name(signum: int) -> str:
+    """``"SIGTERM"`` for 15; the number itself for a number that names no signal."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+def _to_signal(value: object) -> int:
+    """A signal from a number, a :class:`signal.Signals` or a name (``"TERM"`` or ``"SIGTERM"``)."""
+    if isinstance(value, str):
+        name = value.strip().upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        try:
+            return int(signal.Signals[name])
+        except KeyError:
+            raise ValueError(f"unknown signal name {value!r}; use a name such as 'TERM' or 'KILL'") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"a signal must be a signal number or name (got {value!r})")
+    if value <= 0 or value not in signal.valid_signals():
+        raise ValueError(f"{value} is not a signal number of this system")
+    return int(value)
+
+
+def _seconds(name: str, value: object, *, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of seconds (got {value!r})")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low:g} and {high:g} seconds (got {value!r})")
+    return float(value)
+
+
+# After the last signal, how long at least before a worker that is still alive is reported.
+_MIN_EXIT_WAIT = 1.0
+
+
+class ReapPolicy:
+    """How a worker whose timer expired is reaped: evidence first, then signals a grace period apart.
+
+    1. If ``dump`` is true and the worker registered a stack-dump handler (hangwatch's
+       clients do), the server sends it the dump signal and waits up to ``dump_timeout``
+       seconds for its all-thread stack, which goes into the reap event. A worker that
+       did not register one is never sent the dump signal.
+    2. The server sends ``signals[0]``; if the worker is still alive ``grace`` seconds
+       later, ``signals[1]``; and so on.
+    3. If it is still alive ``grace`` seconds (at least one second) after the last
+       signal, a ``reap failed`` event says so and in which state the process is (for
+       instance stuck in the kernel); the watchdog goes on serving everyone else.
+
+    No signals at all means "expire, collect the stack, but do not signal" (torch's
+    FileTimerClient ``signal <= 0``). The default is torch's: one SIGKILL.
+
+    Args:
+        signals: one signal or a sequence, as numbers or names (``"TERM"``, ``"SIGKILL"``).
+        grace: seconds between two signals, and after the last one before reporting
+            a worker that did not die.
+        dump: collect the stack of a worker that registered a dump handler.
+        dump_timeout: the longest wait for the stack, in seconds.
+
+    Raises:
+        ValueError: a signal is unknown, or a time is not a finite number in range.
+    """
+
+    __slots__ = ("dump", "dump_timeout", "grace", "signals")
+
+    signals: Tuple[int, ...]
+    grace: float
+    dump: bool
+    dump_timeout: float
+
+    def __init__(
+        self,
+        signals: Union[int, str, Iterable[Union[int, str]]] = signal.SIGKILL,
+        grace: float = 5.0,
+        *,
+        dump: bool = True,
+        dump_timeout: float = 1.0,
+    ) -> None:
+        items = (signals,) if isinstance(signals, (int, str)) else tuple(signals)
+        object.__setattr__(self, "signals", tuple(_to_signal(s) for s in items))
+        object.__setattr__(self, "grace", _seconds("grace", grace, low=0, high=86400))
+        if not isinstance(dump, bool):
+            raise ValueError(f"dump must be True or False (got {dump!r})")
+        object.__setattr__(self, "dump", dump)
+        object.__setattr__(self, "dump_timeout", _seconds("dump_timeout", dump_timeout, low=0.001, high=60))
+
+    @classmethod
+    def parse(cls, text: str) -> ReapPolicy:
+        """Build a policy from text such as ``"TERM,10,KILL"`` (signals, and the grace in seconds).
+
+        ``"KILL"`` is torch's behaviour; ``"TERM,10,KILL"`` sends SIGTERM, waits up to 10 s, then
+        SIGKILL; ``"none"`` expires without signalling.
+
+        Raises:
+            ValueError: the text names an unknown signal or gives more than one grace.
+        """
+        signals = []
+        grace: Optional[float] = None
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            if part.lower() == "none":
+                continue
+            try:
+                number = float(part)
+            except ValueError:
+                signals.append(_to_signal(part))
+                continue
+            if grace is not None:
+                raise ValueError(f"a reap policy has one grace period (got {text!r}); write e.g. 'TERM,10,KILL'")
+            grace = number
+        return cls(signals, 5.0 if grace is None else grace)
+
+    @classmethod
+    def term_then_kill(cls, grace: float = 5.0) -> ReapPolicy:
+        """SIGTERM, then SIGKILL if the worker is still alive after ``grace`` seconds."""
+        return cls((signal.SIGTERM, signal.SIGKILL), grace)
+
+    def to_wire(self) -> list[Any]:
+        """The policy as JSON-compatible values: ``[[signals...], grace, dump, dump_timeout]``."""
+        return [list(self.signals), self.grace, self.dump, self.dump_timeout]
+
+    @classmethod
+    def from_wire(cls, value: object) -> ReapPolicy:
+        """Decode :meth:`to_wire`'s form (a list or tuple).
+
+        Raises:
+            ValueError: the value is not a well-formed policy.
+        """
+        if not isinstance(value, (list, tuple)) or len(value) != 4 or not isinstance(value[0], (list, tuple)):
+            raise ValueError(f"reap policy must be [[signals...], grace, dump, dump_timeout] (got {value!r})")
+        signals, grace, dump, dump_timeout = value
+        if any(isinstance(s, str) for s in signals):
+            raise ValueError(f"reap policy signals must be numbers on the wire (got {signals!r})")
+        return cls(signals, grace, dump=dump, dump_timeout=dump_timeout)
+
+    def exit_wait(self) -> float:
+        """How long after the last signal a worker may take to exit before it is reported."""
+        return max(self.grace, _MIN_EXIT_WAIT)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"ReapPolicy is immutable; build a new one (cannot set {name!r})")
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ReapPolicy):
+            return self.to_wire() == other.to_wire()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.signals, self.grace, self.dump, self.dump_timeout))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_policy_from_wire, (self.to_wire(),))
+
+    def __repr__(self) -> str:
+        names = ", ".join(signal_name(s) for s in self.signals)
+        return f"ReapPolicy(({names}), grace={self.grace:g}, dump={self.dump}, dump_timeout={self.dump_timeout:g})"
+
+
+def check_policy(policy: object) -> Optional[ReapPolicy]:
+    """Validate a ``reap_policy`` argument: None or a :class:`ReapPolicy`.
+
+    Raises:
+        TypeError: anything else.
+    """
+    if policy is not None and not isinstance(policy, ReapPolicy):
+        raise TypeError(f"reap_policy must be a hangwatch.ReapPolicy or None (got {policy!r})")
+    return policy
+
+
+def _policy_from_wire(value: object) -> ReapPolicy:
+    return ReapPolicy.from_wire(value)
+
+
+_STATES = {
+    "R": "running",
+    "S": "sleeping",
+    "D": "uninterruptible sleep, stuck in the kernel",
+    "T": "stopped",
+    "t": "stopped by a debugger",
+    "Z": "zombie: exited, not yet waited for by its parent",
+    "X": "dead",
+}
+
+
+def process_state(pid: int) -> str:
+    """The scheduler state of ``pid`` in words (from /proc), or ``"unknown"``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+        code = stat_line[stat_line.rindex(b")") + 2 :].split()[0].decode()
+    except (OSError, ValueError, IndexError):
+        return "unknown"
+    return f"{code} ({_STATES.get(code, 'other')})"
+
+
+class DumpReader:
+    """Reads the stack dump a worker writes into the in-memory file it registered for its dump signal.
+
+    The file is reached through ``/proc/PID/fd/FD``, so the kernel vouches that it is the
+    worker's own; only a regular file is opened, and only what is written after this
+    reader was created is read (at most ``limit`` bytes).
+
+    Args:
+        pid: the worker (still alive: the caller checks its pin afterwards).
+        fd: the descriptor number the worker reported.
+        limit: the most bytes to read.
+
+    Raises:
+        OSError: the file cannot be opened (the worker exited, or this process may not read it).
+        ValueError: the descriptor is not a regular file.
+    """
+
+    __slots__ = ("_fd", "_limit", "_start")
+
+    def __init__(self, pid: int, fd: int, limit: int = 1 << 20) -> None:
+        path = f"/proc/{pid}/fd/{fd}"
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError(f"descriptor {fd} of worker {pid} is not a regular file")
+        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self._fd)
+            raise ValueError(f"descriptor {fd} of worker {pid} is not a regular file")
+        self._start = st.st_size
+        self._limit = limit
+
+    def size(self) -> int:
+        """How many bytes the worker has written since this reader was created."""
+        return os.fstat(self._fd).st_size - self._start
+
+    def read(self) -> str:
+        """What the worker has written since this reader was created (decoded, possibly truncated)."""
+        size = self.size()
+        data = os.pread(self._fd, min(size, self._limit), self._start) if size > 0 else b""
+        text = data.decode("utf-8", "replace")
+        if size > self._limit:
+            text += f"\n... ({size - self._limit} more bytes not read)\n"
+        return text
+
+    def close(self) -> None:
+        """Release the descriptor."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

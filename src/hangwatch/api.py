@@ -450,6 +450,10 @@ _timer_client: Optional[TimerClient] = None
 def configure(timer_client: TimerClient) -> None:
     """Set the process-wide default client used by :func:`expires`; thread-safe.
 
+    A hangwatch client also registers this process's stack-dump handler now (a
+    :mod:`faulthandler` handler on its ``dump_signal``), so the server can show where
+    the worker was stuck before it reaps it.
+
     Args:
         timer_client: the client; any object with ``acquire`` and ``release`` methods.
 
@@ -460,6 +464,9 @@ def configure(timer_client: TimerClient) -> None:
         raise TypeError(
             f"timer_client must be a TimerClient with acquire() and release() methods (got {timer_client!r})"
         )
+    register = getattr(type(timer_client), "register_dump_handler", None)
+    if callable(register):
+        register(timer_client)
     global _timer_client
     with _client_lock:
         _timer_client = timer_client
@@ -489,12 +496,13 @@ _NO_CLIENT = (
 class _Expiry:
     """What :func:`expires` returns: a context manager, and a decorator."""
 
-    __slots__ = ("_after", "_client", "_entered_client", "_scope")
+    __slots__ = ("_after", "_client", "_entered_client", "_policy", "_scope")
 
-    def __init__(self, after: float, scope: str, client: Optional[TimerClient]) -> None:
+    def __init__(self, after: float, scope: str, client: Optional[TimerClient], policy: Any = None) -> None:
         self._after = after
         self._scope = scope
         self._client = client
+        self._policy = policy
         self._entered_client: Optional[TimerClient] = None
 
     def __enter__(self) -> None:
@@ -504,7 +512,15 @@ class _Expiry:
             if client is None:
                 raise RuntimeError(_NO_CLIENT)
         self._entered_client = client
-        client.acquire(self._scope, time.time() + self._after)
+        if self._policy is None:
+            client.acquire(self._scope, time.time() + self._after)
+            return
+        if not getattr(client, "accepts_reap_policy", False):
+            raise TypeError(
+                f"{type(client).__name__} cannot carry a reap policy; use a hangwatch client "
+                f"(LocalTimerClient, FileTimerClient) or set reap_policy on the server instead"
+            )
+        client.acquire(self._scope, time.time() + self._after, reap_policy=self._policy)  # type: ignore[call-arg]
 
     def __exit__(
         self,
@@ -529,25 +545,27 @@ class _Expiry:
             )
 
     def __call__(self, func: _F) -> _F:
-        after, scope, client = self._after, self._scope, self._client
+        after, scope, client, policy = self._after, self._scope, self._client, self._policy
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                with _Expiry(after, scope, client):
+                with _Expiry(after, scope, client, policy):
                     return await func(*args, **kwargs)
 
             return cast(_F, async_wrapper)
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with _Expiry(after, scope, client):
+            with _Expiry(after, scope, client, policy):
                 return func(*args, **kwargs)
 
         return cast(_F, wrapper)
 
 
-def expires(after: float, scope: Optional[str] = None, client: Optional[TimerClient] = None) -> _Expiry:
+def expires(
+    after: float, scope: Optional[str] = None, client: Optional[TimerClient] = None, *, reap_policy: Any = None
+) -> _Expiry:
     """Guard a block with a countdown timer: if it is not left within ``after`` seconds, the worker may be reaped.
 
     Use it as ``with expires(after=60): ...`` or as a decorator ``@expires(after=60)``.
@@ -562,15 +580,23 @@ def expires(after: float, scope: Optional[str] = None, client: Optional[TimerCli
             Re-entering a scope that is held replaces its timer (the last acquire wins,
             the first release releases), as torch's.
         client: the client to use; default the one set by :func:`configure`.
+        reap_policy: how to reap the worker if this block's timer expires (a
+            :class:`~hangwatch.ReapPolicy`; default: the client's, else the server's).
+            Needs a hangwatch client.
 
     Returns:
         A context manager that is also a decorator.
 
     Raises:
         ValueError: ``after`` is not a finite number >= 0.
+        TypeError: ``reap_policy`` is not a ReapPolicy, or (on entry) the client cannot carry one.
         RuntimeError: on entry, when no client was given or configured.
     """
     if scope is None:
         frame = sys._getframe(1)
         scope = f"{frame.f_code.co_filename}#{frame.f_lineno}"
-    return _Expiry(_check_after(after), scope, client)
+    if reap_policy is not None:
+        from ._reaper import check_policy
+
+        check_policy(reap_policy)
+    return _Expiry(_check_after(after), scope, client, reap_policy)

@@ -6,7 +6,9 @@ PIPE_BUF (4096) bytes so lines from many clients never interleave::
     {"version": 1, "pid": 4242, "scope_id": "train.py#10", "expiration_time": 1700000000.5, "signal": 9}
 
 A release carries ``expiration_time`` -1 and ``signal`` 0. Torch's clients work
-against this server and these clients against torch's server.
+against this server and these clients against torch's server. hangwatch's client adds
+a ``"hangwatch"`` field to each acquire (its start time, its stack-dump handler, its
+reap policy: see :mod:`hangwatch._worker`); torch's server ignores it.
 
 Two things differ from torch, both safe by default:
 
@@ -33,10 +35,13 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union, overload
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union, overload
 
 from ._pidserver import PidTimerServer
+from ._reaper import ProcessPin, ReapPolicy, check_policy, signal_name
+from ._worker import DEFAULT_DUMP_SIGNAL, check_dump_signal, identity
 from .api import RequestQueue, TimerClient, TimerRequest, _check_interval
+from .events import EventSink
 
 __all__ = ["FileTimerClient", "FileTimerRequest", "FileTimerServer", "ServerUnavailableError"]
 
@@ -61,14 +66,19 @@ class FileTimerRequest(TimerRequest):
         scope_id: the timer's name within the worker.
         expiration_time: ``time.time()`` seconds; negative to release.
         signal: the signal that reaps the worker; <= 0 means expire without signalling.
+
+    Attributes:
+        hangwatch: the ``"hangwatch"`` field of the line it was read from (the worker's
+            identity, see :mod:`hangwatch._worker`), or None for torch's clients.
     """
 
-    __slots__ = ("signal", "version")
+    __slots__ = ("hangwatch", "signal", "version")
 
     def __init__(self, worker_pid: int, scope_id: str, expiration_time: float, signal: int = 0) -> None:
         super().__init__(worker_id=worker_pid, scope_id=scope_id, expiration_time=expiration_time)
         self.version = 1
         self.signal = signal
+        self.hangwatch: Any = None
 
     @property
     def worker_pid(self) -> int:
@@ -107,6 +117,16 @@ class FileTimerRequest(TimerRequest):
 # ------------------------------------------------------------------------------------ client
 
 
+class _DefaultSignal(int):
+    """SIGKILL, as the default of FileTimerClient's ``signal``: "the server's reap policy decides"."""
+
+    def __repr__(self) -> str:
+        return "SIGKILL"
+
+
+_SERVER_DECIDES = _DefaultSignal(_signal.SIGKILL)
+
+
 class FileTimerClient(TimerClient):
     """Client side of :class:`FileTimerServer`: writes requests to the server's FIFO.
 
@@ -116,30 +136,47 @@ class FileTimerClient(TimerClient):
     Args:
         file_path: the FIFO the server created.
         signal: the signal that reaps this worker; <= 0 means the timer expires (an event)
-            but the worker is not signalled.
+            but the worker is not signalled. Left at its default (SIGKILL), a hangwatch
+            server applies its own reap policy (SIGKILL unless configured otherwise);
+            given explicitly, it is the one signal sent, as torch's.
+        dump_signal: the signal on which this worker writes its all-thread stack for the
+            server before a reap (default SIGUSR2); None for no stack dumps.
+        reap_policy: how this worker is reaped by a hangwatch server (overrides ``signal``;
+            torch's server receives the policy's first signal).
         keep_open: keep the pipe open between requests. Default: only when the server is a
             hangwatch server (never keep it open to torch's server, which would stop reaping).
         connect_timeout: how long to wait for a server to appear when opening the pipe.
         send_timeout: how long to wait for the server to drain a full pipe before failing.
 
     Raises:
-        ValueError: a timeout is not a finite number > 0, or ``signal`` is not an int.
+        ValueError: a timeout is not a finite number > 0, ``signal`` is not an int, or
+            ``dump_signal`` cannot carry stack dumps.
+        TypeError: ``reap_policy`` is not a ReapPolicy.
     """
+
+    accepts_reap_policy = True
 
     def __init__(
         self,
         file_path: str,
-        signal: Union[int, _signal.Signals] = _signal.SIGKILL,
+        signal: Union[int, _signal.Signals] = _SERVER_DECIDES,
         *,
         keep_open: Optional[bool] = None,
         connect_timeout: float = 1.0,
         send_timeout: float = 60.0,
+        dump_signal: Union[int, _signal.Signals, None] = DEFAULT_DUMP_SIGNAL,
+        reap_policy: Optional[ReapPolicy] = None,
     ) -> None:
         super().__init__()
         if isinstance(signal, bool) or not isinstance(signal, int):
             raise ValueError(f"signal must be a signal number (<= 0: do not signal) (got {signal!r})")
+        if signal > 0 and signal not in _signal.valid_signals():
+            raise ValueError(f"signal {signal} is not a signal number of this system (<= 0: do not signal)")
         self._file_path = os.fspath(file_path)
+        self._server_decides = signal is _SERVER_DECIDES
         self.signal = int(signal)
+        self._dump_signal = check_dump_signal(dump_signal)
+        self._reap_policy = check_policy(reap_policy)
         self._keep_open = keep_open
         self._connect_timeout = _check_interval("connect_timeout", connect_timeout)
         self._send_timeout = _check_interval("send_timeout", send_timeout)
@@ -149,7 +186,8 @@ class FileTimerClient(TimerClient):
         self._lock = threading.Lock()
         _CLIENTS.add(self)
         self._scopes: Dict[str, str] = {}
-        self._acquire_tail = f', "signal": {self.signal}}}\n'
+        self._tail_pid = -1
+        self._acquire_tail = ""
 
     # The wire format, built by hand: the same JSON as torch's, at a fraction of the cost.
 
@@ -163,8 +201,29 @@ class FileTimerClient(TimerClient):
                 self._scopes[scope_id] = encoded
         return encoded
 
-    def acquire(self, scope_id: str, expiration_time: float) -> None:
+    def _tail(self, policy: Optional[ReapPolicy]) -> str:
+        """The end of an acquire line: the signal and this process's identity."""
+        signum = self.signal
+        if policy is not None:
+            signum = policy.signals[0] if policy.signals else 0
+        ext = identity(self._dump_signal, policy, server_policy=self._server_decides)
+        return f', "signal": {signum}, "hangwatch": {json.dumps(ext, separators=(",", ":"))}}}\n'
+
+    def register_dump_handler(self) -> None:
+        """Register this process's stack-dump handler now (:func:`hangwatch.configure` does; so does the first acquire).
+
+        A signal that already has a handler of the application is left alone (logged once).
+        """
+        self._acquire_tail = self._tail(self._reap_policy)
+        self._tail_pid = os.getpid()
+
+    def acquire(self, scope_id: str, expiration_time: float, reap_policy: Optional[ReapPolicy] = None) -> None:
         """Ask the server to reap this worker at ``expiration_time`` unless ``scope_id`` is released.
+
+        Args:
+            scope_id: the timer's name within this worker.
+            expiration_time: absolute ``time.time()`` seconds.
+            reap_policy: how to reap this worker if this timer expires (default: the client's).
 
         Raises:
             ServerUnavailableError: no server reads the FIFO (a BrokenPipeError).
@@ -172,9 +231,16 @@ class FileTimerClient(TimerClient):
         """
         if not math.isfinite(expiration_time):
             raise ValueError(f"expiration_time must be a finite time.time() value (got {expiration_time!r})")
+        pid = os.getpid()
+        if reap_policy is not None:
+            tail = self._tail(check_policy(reap_policy))
+        else:
+            if self._tail_pid != pid:
+                self.register_dump_handler()
+            tail = self._acquire_tail
         self._send(
-            f'{{"version": 1, "pid": {os.getpid()}, "scope_id": {self._scope_json(scope_id)}, '
-            f'"expiration_time": {float(expiration_time)!r}{self._acquire_tail}'
+            f'{{"version": 1, "pid": {pid}, "scope_id": {self._scope_json(scope_id)}, '
+            f'"expiration_time": {float(expiration_time)!r}{tail}'
         )
 
     def release(self, scope_id: str) -> None:
@@ -334,9 +400,14 @@ def _parse_line(line: bytes) -> Tuple[Optional[FileTimerRequest], str]:
         return None, f"expiration_time must be a finite number (got {expiration!r})"
     if isinstance(signum, bool) or not isinstance(signum, int):
         return None, f"signal must be an int (got {signum!r})"
-    if signum >= _signal.NSIG:
-        return None, f"signal must be below {_signal.NSIG} (got {signum})"
-    return FileTimerRequest(pid, scope, expiration, signum), ""
+    if signum > 0 and signum not in _VALID_SIGNALS:
+        return None, f"signal {signum} is not a signal number of this system (<= 0: do not signal)"
+    request = FileTimerRequest(pid, scope, expiration, signum)
+    request.hangwatch = obj.get("hangwatch")
+    return request, ""
+
+
+_VALID_SIGNALS = frozenset(int(s) for s in _signal.valid_signals())
 
 
 class _FifoRequestQueue(RequestQueue):
@@ -421,9 +492,14 @@ class FileTimerServer(PidTimerServer):
 
     The FIFO is created at once (readable by this server only, mode 0600), so clients may
     connect before :meth:`start`; it is removed by :meth:`stop`. An existing FIFO at the
-    path is replaced; any other existing file is an error. Each expired worker gets the
-    signal its client asked for (the first expired timer with a signal > 0); unlike
-    torch's, this server never signals its own process.
+    path is replaced; any other existing file is an error.
+
+    How an expired worker is reaped: a torch client's request names one signal, which is
+    sent (the first expired timer with a signal > 0, as torch's), after the stack dump if
+    the worker registered one. A hangwatch client that did not choose a signal gets the
+    server's ``reap_policy``; one that chose a policy gets that. Unlike torch's, this
+    server never signals its own process, unless ``signal_self=True`` asks for torch's
+    behaviour.
 
     Args:
         file_path: where to create the FIFO.
@@ -431,6 +507,14 @@ class FileTimerServer(PidTimerServer):
         max_interval: the longest one wait of the watchdog, in seconds.
         daemon: whether the watchdog thread is a daemon thread.
         log_event: optional ``log_event(name, request)`` callback, called with torch's event names.
+        reap_policy: the server's reap policy (default: stack dump if registered, then SIGKILL);
+            its ``grace``, ``dump`` and ``dump_timeout`` also apply to torch clients' signals.
+        allowed_pids: if given, only these pids are ever signalled (see ``set_allowed_pids``).
+        event_file: append every event to this file as JSON lines.
+        on_event: called with every :class:`~hangwatch.Event`.
+        signal_self: torch's behaviour: after reaping a worker, send the same signal to this
+            server's own process (usually ending it). Off by default.
+        pin: how a worker is pinned and signalled (tests pass a recorder).
 
     Raises:
         FileExistsError: something other than a FIFO exists at ``file_path``.
@@ -445,6 +529,13 @@ class FileTimerServer(PidTimerServer):
         max_interval: float = 10,
         daemon: bool = True,
         log_event: Optional[Callable[[str, Optional[FileTimerRequest]], None]] = None,
+        *,
+        reap_policy: Optional[ReapPolicy] = None,
+        allowed_pids: Optional[Iterable[int]] = None,
+        event_file: Union[str, os.PathLike[str], None] = None,
+        on_event: Optional[EventSink] = None,
+        signal_self: bool = False,
+        pin: Callable[[int], ProcessPin] = ProcessPin,
     ) -> None: ...
 
     @overload
@@ -455,15 +546,28 @@ class FileTimerServer(PidTimerServer):
         max_interval: float = 10,
         daemon: bool = True,
         log_event: Optional[Callable[[str, Optional[FileTimerRequest]], None]] = None,
+        *,
+        reap_policy: Optional[ReapPolicy] = None,
+        allowed_pids: Optional[Iterable[int]] = None,
+        event_file: Union[str, os.PathLike[str], None] = None,
+        on_event: Optional[EventSink] = None,
+        signal_self: bool = False,
+        pin: Callable[[int], ProcessPin] = ProcessPin,
     ) -> None: ...
 
     def __init__(self, file_path: str, *args: Any, **kwargs: Any) -> None:
+        signal_self = kwargs.pop("signal_self", False)
+        if not isinstance(signal_self, bool):
+            raise TypeError(f"signal_self must be True or False (got {signal_self!r})")
+        extras = {k: kwargs.pop(k) for k in list(kwargs) if k in _SERVER_EXTRAS}
         run_id, max_interval, daemon, log_event = _server_args(args, kwargs)
         self._file_path = os.fspath(file_path)
         self._run_id = run_id
+        self._signal_self = signal_self
+        self._torch_policies: Dict[int, ReapPolicy] = {}
         read_fd, self._write_fd, self._fifo_id = _create_fifo(self._file_path)
         try:
-            super().__init__(_FifoRequestQueue(read_fd, self._bad_line), max_interval, daemon, log_event)
+            super().__init__(_FifoRequestQueue(read_fd, self._bad_line), max_interval, daemon, log_event, **extras)
         except BaseException:
             self._close_fifo(read_fd)
             raise
@@ -473,12 +577,32 @@ class FileTimerServer(PidTimerServer):
     def _bad_line(self, line: bytes, reason: str) -> None:
         self._events.emit("bad request", reason=reason, line=line.decode("utf-8", "replace"))
 
-    def _signal_of(self, request: TimerRequest) -> int:
-        return int(getattr(request, "signal", 0))
+    def _default_policy(self, request: TimerRequest) -> ReapPolicy:
+        """A torch-style request: its own signal (none if <= 0), with the server's grace and dump settings."""
+        signum = int(getattr(request, "signal", 0))
+        policy = self._torch_policies.get(signum)
+        if policy is None:
+            base = self._reap_policy
+            policy = ReapPolicy(
+                (signum,) if signum > 0 else (), base.grace, dump=base.dump, dump_timeout=base.dump_timeout
+            )
+            if len(self._torch_policies) < 64:
+                self._torch_policies[signum] = policy
+        return policy
+
+    def _after_first_signal(self, pid: int, signum: int) -> None:
+        if self._signal_self:
+            self._events.emit(
+                "kill server process",
+                worker=pid,
+                signal=signal_name(signum),
+                reason="signal_self=True (torch's behaviour): the server signals its own process after a reap",
+            )
+            os.kill(os.getpid(), signum)
 
     def _reap_worker(self, worker_id: Any, signal: int = _signal.SIGKILL) -> bool:
-        """Signal the worker (default SIGKILL) through its pin; True when done or already gone."""
-        return self._signal_worker(worker_id, int(signal), None)
+        """Signal the worker (default SIGKILL) through its pin, at once; True when done or already gone."""
+        return self._signal_now(worker_id, int(signal))
 
     def start(self) -> None:
         """Start the watchdog thread and return at once.
@@ -519,6 +643,9 @@ class FileTimerServer(PidTimerServer):
 
     def __repr__(self) -> str:
         return f"FileTimerServer({self._file_path!r}, run_id={self._run_id!r})"
+
+
+_SERVER_EXTRAS = frozenset({"reap_policy", "allowed_pids", "event_file", "on_event", "pin"})
 
 
 def _server_args(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[str, float, bool, Any]:
