@@ -52,7 +52,6 @@ class _Reap:
         "first_signal_at",
         "last_signal",
         "last_size",
-        "late_s",
         "next_at",
         "pid",
         "pin",
@@ -65,12 +64,11 @@ class _Reap:
         "step",
     )
 
-    def __init__(self, pid: int, pin: ProcessPin, request: TimerRequest, policy: ReapPolicy, late_s: float) -> None:
+    def __init__(self, pid: int, pin: ProcessPin, request: TimerRequest, policy: ReapPolicy) -> None:
         self.pid = pid
         self.pin = pin
         self.request = request
         self.policy = policy
-        self.late_s = late_s
         self.scopes: List[str] = []
         self.step = 0
         self.next_at = 0.0
@@ -301,7 +299,7 @@ class PidTimerServer(TimerServer):
             if not self._pin(worker_id, chosen.scope_id, None, refusal="reap failed"):
                 return True
             pin = self._pins[worker_id]
-        job = _Reap(worker_id, pin, chosen, policy, round(now - chosen.expiration_time, 6))
+        job = _Reap(worker_id, pin, chosen, policy)
         job.scopes = [r.scope_id for r in expired]
         self._reaps[worker_id] = job
         self._start_dump(job)
@@ -398,7 +396,7 @@ class PidTimerServer(TimerServer):
         details: Dict[str, Any] = {"signal": signal_name(signum), "step": f"{job.step + 1}/{len(policy.signals)}"}
         if job.step == 0:
             job.first_signal_at = time.monotonic()
-            details["late_s"] = job.late_s
+            details["late_s"] = round(time.time() - job.request.expiration_time, 6)
             if len(job.scopes) > 1:
                 details["scopes"] = job.scopes
             if job.stack is not None:

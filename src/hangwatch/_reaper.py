@@ -24,6 +24,7 @@ import sys
 from typing import Any, Iterable, Optional, Tuple, Union
 
 __all__ = [
+    "VALID_SIGNALS",
     "DumpReader",
     "ProcessPin",
     "ReapPolicy",
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 _HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
+
+VALID_SIGNALS = frozenset(int(s) for s in signal.valid_signals())
+"""The signal numbers of this system (computed once: ``signal.valid_signals()`` is slow)."""
 
 
 def _ancestors() -> set[int]:
@@ -165,7 +169,7 @@ def _to_signal(value: object) -> int:
             raise ValueError(f"unknown signal name {value!r}; use a name such as 'TERM' or 'KILL'") from None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"a signal must be a signal number or name (got {value!r})")
-    if value <= 0 or value not in signal.valid_signals():
+    if value <= 0 or value not in VALID_SIGNALS:
         raise ValueError(f"{value} is not a signal number of this system")
     return int(value)
 

@@ -29,7 +29,7 @@ import sys
 import threading
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 
-from ._reaper import ReapPolicy, signal_name, start_time
+from ._reaper import VALID_SIGNALS, ReapPolicy, signal_name, start_time
 
 __all__ = ["DEFAULT_DUMP_SIGNAL", "WorkerInfo", "check_dump_signal", "dump_channel", "identity", "parse_identity"]
 
@@ -61,7 +61,7 @@ def check_dump_signal(value: Union[int, signal.Signals, None]) -> int:
     """
     if value is None or value == 0:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value not in signal.valid_signals():
+    if isinstance(value, bool) or not isinstance(value, int) or value not in VALID_SIGNALS:
         raise ValueError(f"dump_signal must be a signal number, or None for no stack dumps (got {value!r})")
     if value in _UNREGISTRABLE:
         raise ValueError(
@@ -192,7 +192,7 @@ def parse_identity(info: object) -> WorkerInfo:
     dump_fd = _int_field(info, "dump_fd", 0, 1 << 30)
     if (dump_signal is None) != (dump_fd is None):
         raise ValueError("hangwatch.dump_signal and hangwatch.dump_fd go together")
-    if dump_signal is not None and (dump_signal not in signal.valid_signals() or dump_signal in _UNREGISTRABLE):
+    if dump_signal is not None and (dump_signal not in VALID_SIGNALS or dump_signal in _UNREGISTRABLE):
         raise ValueError(f"hangwatch.dump_signal {dump_signal} is not a signal a dump handler can use")
     reap = info.get("reap")
     policy: Union[ReapPolicy, str, None]

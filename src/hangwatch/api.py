@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Type, TypeVar, cast
 
 __all__ = [
     "RequestQueue",
+    "ServerUnavailableError",
     "TimerClient",
     "TimerRequest",
     "TimerServer",
@@ -40,6 +41,13 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _UNWAKEABLE_WAIT = 0.2
 # After a reap that asked to be retried, how long before the next attempt (capped by max_interval).
 _REAP_RETRY_INTERVAL = 1.0
+
+
+class ServerUnavailableError(BrokenPipeError):
+    """No timer server is taking requests (not started, stopped, or wedged): a client cannot send.
+
+    A :class:`BrokenPipeError`, as torch's FileTimerClient raises.
+    """
 
 
 class TimerRequest:

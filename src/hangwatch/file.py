@@ -38,9 +38,9 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union, overload
 
 from ._pidserver import PidTimerServer
-from ._reaper import ProcessPin, ReapPolicy, check_policy, signal_name
+from ._reaper import VALID_SIGNALS, ProcessPin, ReapPolicy, check_policy, signal_name
 from ._worker import DEFAULT_DUMP_SIGNAL, check_dump_signal, identity
-from .api import RequestQueue, TimerClient, TimerRequest, _check_interval
+from .api import RequestQueue, ServerUnavailableError, TimerClient, TimerRequest, _check_interval
 from .events import EventSink
 
 __all__ = ["FileTimerClient", "FileTimerRequest", "FileTimerServer", "ServerUnavailableError"]
@@ -49,13 +49,6 @@ logger = logging.getLogger(__name__)
 
 PIPE_BUF = select.PIPE_BUF
 _MARK = stat.S_ISVTX  # the sticky bit on the FIFO: "a hangwatch server reads this"
-
-
-class ServerUnavailableError(BrokenPipeError):
-    """No timer server is reading the FIFO (not started, stopped, or wedged).
-
-    A :class:`BrokenPipeError`, as torch's client raises.
-    """
 
 
 class FileTimerRequest(TimerRequest):
@@ -170,7 +163,7 @@ class FileTimerClient(TimerClient):
         super().__init__()
         if isinstance(signal, bool) or not isinstance(signal, int):
             raise ValueError(f"signal must be a signal number (<= 0: do not signal) (got {signal!r})")
-        if signal > 0 and signal not in _signal.valid_signals():
+        if signal > 0 and signal not in VALID_SIGNALS:
             raise ValueError(f"signal {signal} is not a signal number of this system (<= 0: do not signal)")
         self._file_path = os.fspath(file_path)
         self._server_decides = signal is _SERVER_DECIDES
@@ -400,14 +393,11 @@ def _parse_line(line: bytes) -> Tuple[Optional[FileTimerRequest], str]:
         return None, f"expiration_time must be a finite number (got {expiration!r})"
     if isinstance(signum, bool) or not isinstance(signum, int):
         return None, f"signal must be an int (got {signum!r})"
-    if signum > 0 and signum not in _VALID_SIGNALS:
+    if signum > 0 and signum not in VALID_SIGNALS:
         return None, f"signal {signum} is not a signal number of this system (<= 0: do not signal)"
     request = FileTimerRequest(pid, scope, expiration, signum)
     request.hangwatch = obj.get("hangwatch")
     return request, ""
-
-
-_VALID_SIGNALS = frozenset(int(s) for s in _signal.valid_signals())
 
 
 class _FifoRequestQueue(RequestQueue):

@@ -8,17 +8,23 @@ client.
 
 from __future__ import annotations
 
+import errno
 import io
+import multiprocessing.queues
 import os
+import pickle
 import queue as _queue
+import select
 import signal
+import struct
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Union
 
 from ._pidserver import PidTimerServer
 from ._reaper import ProcessPin, ReapPolicy, check_policy
 from ._worker import DEFAULT_DUMP_SIGNAL, check_dump_signal, identity
-from .api import RequestQueue, TimerClient, TimerRequest
+from .api import RequestQueue, ServerUnavailableError, TimerClient, TimerRequest, _check_interval
 from .events import EventSink
 
 __all__ = ["LocalTimerClient", "LocalTimerServer", "MultiprocessingRequestQueue", "WorkerRequest"]
@@ -31,6 +37,96 @@ def _check_queue(mp_queue: Any, *methods: str) -> None:
             f"mp_queue must be a multiprocessing queue, e.g. multiprocessing.get_context('spawn').Queue() "
             f"(got {type(mp_queue).__name__}, which has no {', '.join(missing)}())"
         )
+
+
+class _QueueWriter:
+    """Puts requests on a ``multiprocessing.Queue`` synchronously, without its feeder thread.
+
+    ``Queue.put`` hands the object to a feeder thread, which needs the GIL to write it: a
+    worker that acquires a timer and then hangs in C code holding the GIL (a runaway
+    regex, a ctypes call) would never send its request, and nothing would reap it. This
+    writer pickles and writes the request in the calling thread, in the queue's own
+    message format, under the queue's write lock and semaphore, so the queue stays
+    consistent for every other user. It writes through a non-blocking descriptor of its
+    own for the pipe (opened through /proc, so the queue's descriptor stays blocking for
+    everyone else); when the pipe is full it waits for the server to drain it, up to
+    ``send_timeout``. Queues of other types (a manager's proxy, a JoinableQueue) use
+    their own ``put``.
+    """
+
+    __slots__ = ("_direct", "_fd", "_fd_pid", "_queue", "_send_timeout")
+
+    def __init__(self, mp_queue: Any, send_timeout: float) -> None:
+        self._queue = mp_queue
+        self._send_timeout = send_timeout
+        self._direct = type(mp_queue) is multiprocessing.queues.Queue and all(
+            hasattr(mp_queue, a) for a in ("_writer", "_wlock", "_sem", "_closed")
+        )
+        self._fd = -1
+        self._fd_pid = -1
+
+    def _nonblocking_fd(self) -> int:
+        """This process's non-blocking descriptor for the queue's pipe (-1 where /proc cannot give one)."""
+        pid = os.getpid()
+        if self._fd_pid != pid:
+            self._fd_pid = pid
+            self._fd = -1  # inherited across fork: the parent's to close
+            try:
+                self._fd = os.open(
+                    f"/proc/self/fd/{self._queue._writer.fileno()}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+                )
+            except OSError:
+                pass
+        return self._fd
+
+    def put(self, obj: Any) -> None:
+        q = self._queue
+        if not self._direct:
+            q.put(obj)
+            return
+        if q._closed:
+            raise ValueError(f"Queue {q!r} is closed")
+        data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        message = struct.pack("!i", len(data)) + data  # multiprocessing.Connection's framing
+        deadline = time.monotonic() + self._send_timeout
+        if not q._sem.acquire(True, self._send_timeout):
+            raise ServerUnavailableError(errno.ETIMEDOUT, "the timer queue stayed full; is the server running?")
+        sent = False
+        try:
+            wlock = q._wlock
+            if wlock is not None and not wlock.acquire(True, self._send_timeout):
+                raise ServerUnavailableError(errno.ETIMEDOUT, "another writer held the timer queue's lock too long")
+            try:
+                fd = self._nonblocking_fd() if len(message) <= select.PIPE_BUF else -1
+                if fd >= 0:
+                    self._write(fd, message, deadline)
+                else:
+                    self._wait_writable(q._writer.fileno(), deadline)
+                    q._writer.send_bytes(data)
+                sent = True
+            finally:
+                if wlock is not None:
+                    wlock.release()
+        finally:
+            if not sent:
+                q._sem.release()
+
+    def _write(self, fd: int, message: bytes, deadline: float) -> None:
+        while True:
+            try:
+                os.write(fd, message)  # at most PIPE_BUF bytes on a pipe: all or nothing
+                return
+            except BlockingIOError:
+                self._wait_writable(fd, deadline)
+
+    def _wait_writable(self, fd: int, deadline: float) -> None:
+        while not select.select([], [fd], [], max(0.0, deadline - time.monotonic()))[1]:
+            if time.monotonic() >= deadline:
+                raise ServerUnavailableError(
+                    errno.ETIMEDOUT,
+                    f"the timer server did not drain its queue within {self._send_timeout:g} s; "
+                    f"it may be stopped or wedged",
+                )
 
 
 class WorkerRequest(TimerRequest):
@@ -57,15 +153,20 @@ class LocalTimerClient(TimerClient):
     recycled pid is never mistaken for it) and, on Linux, the stack-dump handler it
     registers (see :meth:`register_dump_handler`).
 
+    Requests are written in the calling thread (not by the queue's feeder thread), so
+    a worker that hangs right after ``acquire`` while holding the GIL is still reaped.
+
     Args:
         mp_queue: the queue given to the server.
         dump_signal: the signal on which this worker writes its all-thread stack for the
             server before a reap (default SIGUSR2); None for no stack dumps.
         reap_policy: how this worker is reaped (default: the server's policy).
+        send_timeout: how long a request may wait for room in a full queue before
+            :class:`~hangwatch.ServerUnavailableError` is raised.
 
     Raises:
         TypeError: ``mp_queue`` is not a queue, or ``reap_policy`` is not a ReapPolicy.
-        ValueError: ``dump_signal`` cannot carry stack dumps.
+        ValueError: ``dump_signal`` cannot carry stack dumps, or ``send_timeout`` is not > 0.
     """
 
     accepts_reap_policy = True
@@ -76,10 +177,12 @@ class LocalTimerClient(TimerClient):
         *,
         dump_signal: Union[int, signal.Signals, None] = DEFAULT_DUMP_SIGNAL,
         reap_policy: Optional[ReapPolicy] = None,
+        send_timeout: float = 60.0,
     ) -> None:
         super().__init__()
         _check_queue(mp_queue, "put")
         self._mp_queue = mp_queue
+        self._put = _QueueWriter(mp_queue, _check_interval("send_timeout", send_timeout)).put
         self._dump_signal = check_dump_signal(dump_signal)
         self._reap_policy = check_policy(reap_policy)
         self._ext_pid = -1
@@ -111,15 +214,32 @@ class LocalTimerClient(TimerClient):
         if reap_policy is not None:
             check_policy(reap_policy)
             ext = {**ext, "reap": reap_policy.to_wire()}
-        self._mp_queue.put(WorkerRequest(os.getpid(), scope_id, expiration_time, ext))
+        self._put(WorkerRequest(os.getpid(), scope_id, expiration_time, ext))
 
     def release(self, scope_id: str) -> None:
         """Release this worker's timer ``scope_id``."""
-        self._mp_queue.put(TimerRequest(os.getpid(), scope_id, -1))
+        self._put(TimerRequest(os.getpid(), scope_id, -1))
+
+
+class _Unreadable:
+    """Stands in for a queue message that could not be unpickled; the server refuses it as a bad request."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"<unreadable queue message: {self.reason}>"
 
 
 class MultiprocessingRequestQueue(RequestQueue):
     """A :class:`RequestQueue` over a ``multiprocessing.Queue``; the watchdog waits on its pipe.
+
+    For a plain ``multiprocessing.Queue`` on Linux it reads everything waiting in the pipe
+    at once (under the queue's read lock, through a non-blocking descriptor of its own),
+    instead of one ``get`` per request: the server drains many clients at the pace they
+    write. Other queues are read with their own ``get``.
 
     Args:
         mp_queue: the queue the clients put requests on.
@@ -127,15 +247,43 @@ class MultiprocessingRequestQueue(RequestQueue):
 
     def __init__(self, mp_queue: Any) -> None:
         super().__init__()
+        self._fd = -1
         _check_queue(mp_queue, "get", "qsize")
         self._mp_queue = mp_queue
+        if type(mp_queue) is multiprocessing.queues.Queue and all(
+            hasattr(mp_queue, a) for a in ("_reader", "_rlock", "_sem")
+        ):
+            try:
+                reader_fd = getattr(mp_queue, "_reader").fileno()  # noqa: B009  (private, checked above)
+                self._fd = os.open(f"/proc/self/fd/{reader_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                self._fd = -1
+        self._buffer = b""
+        self._ready: Deque[Any] = deque()
 
     def size(self) -> int:
-        """How many requests are in the queue (raises NotImplementedError where the platform cannot tell)."""
+        """How many requests are waiting (raises NotImplementedError where the platform cannot tell)."""
+        if self._fd >= 0:
+            self._read_available()
+            return len(self._ready)
         return int(self._mp_queue.qsize())
 
     def get(self, size: int, timeout: float) -> List[TimerRequest]:
         """Up to ``size`` requests, waiting at most ``timeout`` seconds in all."""
+        if self._fd < 0:
+            return self._get_one_by_one(size, timeout)
+        if not self._ready:
+            self._read_available()
+            if not self._ready and timeout > 0:
+                select.select([self._fd], [], [], timeout)
+                self._read_available()
+        ready = self._ready
+        out: List[TimerRequest] = []
+        while ready and len(out) < size:
+            out.append(ready.popleft())
+        return out
+
+    def _get_one_by_one(self, size: int, timeout: float) -> List[TimerRequest]:
         requests: List[TimerRequest] = []
         deadline = time.monotonic() + timeout
         mp_queue = self._mp_queue
@@ -148,16 +296,77 @@ class MultiprocessingRequestQueue(RequestQueue):
             requests.append(item)
         return requests
 
+    def _read_available(self) -> None:
+        q = self._mp_queue
+        if not q._rlock.acquire(False):
+            return  # another reader (there should be none) is inside get(); read next round
+        try:
+            chunks = []
+            while True:
+                try:
+                    chunk = os.read(self._fd, 65536)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if len(chunk) < 65536:
+                    break
+            if chunks:
+                self._frames(self._buffer + b"".join(chunks))
+        finally:
+            q._rlock.release()
+
+    def _frames(self, data: bytes) -> None:
+        """Split multiprocessing.Connection frames (4-byte big-endian length, then the pickle)."""
+        view = memoryview(data)
+        pos = 0
+        end = len(data)
+        sem = self._mp_queue._sem
+        while end - pos >= 4:
+            (n,) = struct.unpack_from("!i", view, pos)
+            header = 4
+            if n == -1:  # a message over 2 GiB: an 8-byte length follows
+                if end - pos < 12:
+                    break
+                (n,) = struct.unpack_from("!Q", view, pos + 4)
+                header = 12
+            if end - pos - header < n:
+                break
+            payload = view[pos + header : pos + header + n]
+            pos += header + n
+            try:
+                item = pickle.loads(payload)
+            except Exception as exc:
+                item = _Unreadable(f"{type(exc).__name__}: {exc}")
+            try:
+                sem.release()  # the writer acquired it for this message
+            except ValueError:
+                pass  # a writer that bypassed the semaphore
+            self._ready.append(item)
+        self._buffer = data[pos:]
+
     def fileno(self) -> int:
         """The descriptor of the queue's pipe, readable when requests are waiting.
 
         Raises:
             io.UnsupportedOperation: the queue has no pipe to wait on (e.g. a manager's proxy).
         """
+        if self._fd >= 0:
+            return self._fd
         reader = getattr(self._mp_queue, "_reader", None)
         if reader is None or not callable(getattr(reader, "fileno", None)):
             raise io.UnsupportedOperation("this queue has no pipe to wait on")
         return int(reader.fileno())
+
+    def close(self) -> None:
+        """Close this reader's own descriptor (the queue itself stays open; reading falls back to ``get``)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class LocalTimerServer(PidTimerServer):
