@@ -96,3 +96,89 @@ def torch_stuck_local(q: Any, after: float) -> None:
     ttimer.configure(ttimer.LocalTimerClient(q))
     with ttimer.expires(after=after, scope="torch-local"):
         time.sleep(60)
+
+
+# ----------------------------------------------------------------- safe reaping (issue 3)
+
+
+def stuck_in_regex(q: Any, after: float) -> None:
+    """Holds the GIL inside the re engine (catastrophic backtracking) right after acquiring."""
+    import re
+
+    hangwatch.configure(hangwatch.LocalTimerClient(q))
+    with hangwatch.expires(after=after, scope="regex"):
+        re.match(r"(a+)+$", "a" * 64 + "b")
+
+
+def stuck_in_ctypes(path: str, after: float) -> None:
+    """Holds the GIL inside a C call (ctypes.PyDLL keeps the GIL) right after acquiring."""
+    import ctypes
+
+    libc = ctypes.PyDLL(None)
+    hangwatch.configure(hangwatch.FileTimerClient(path))
+    with hangwatch.expires(after=after, scope="ctypes"):
+        while True:  # a signal handler interrupts sleep(); go straight back in
+            libc.sleep(60)
+
+
+def ignores_sigterm_local(q: Any, after: float) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    stuck_local(q, after)
+
+
+def stuck_local_policy(q: Any, after: float, client_policy: Any, block_policy: Any) -> None:
+    hangwatch.configure(hangwatch.LocalTimerClient(q, reap_policy=client_policy))
+    with hangwatch.expires(after=after, reap_policy=block_policy):
+        time.sleep(60)
+
+
+def stuck_recording_usr2_local(q: Any, after: float, marker: str) -> None:
+    """No stack dumps (dump_signal=None); its own SIGUSR2 handler records any SIGUSR2 in ``marker``."""
+    import signal
+
+    def record(signum: int, frame: Any) -> None:
+        with open(marker, "a") as f:
+            f.write("SIGUSR2\n")
+
+    signal.signal(signal.SIGUSR2, record)
+    hangwatch.configure(hangwatch.LocalTimerClient(q, dump_signal=None))
+    with hangwatch.expires(after=after):
+        time.sleep(60)
+
+
+def keeps_own_usr2_handler(q: Any) -> None:
+    """Exit 0 if configuring hangwatch left the application's SIGUSR2 handler in place."""
+    import signal
+    import sys
+
+    def mine(signum: int, frame: Any) -> None:
+        pass
+
+    signal.signal(signal.SIGUSR2, mine)
+    hangwatch.configure(hangwatch.LocalTimerClient(q))
+    sys.exit(0 if signal.getsignal(signal.SIGUSR2) is mine else 3)
+
+
+def torch_stuck_recording_usr2(path: str, after: float, marker: str) -> None:
+    import signal
+
+    import torch.distributed.elastic.timer as ttimer
+
+    def record(signum: int, frame: Any) -> None:
+        with open(marker, "a") as f:
+            f.write("SIGUSR2\n")
+
+    signal.signal(signal.SIGUSR2, record)
+    ttimer.configure(ttimer.FileTimerClient(path))
+    with ttimer.expires(after=after, scope="torch-client"):
+        time.sleep(60)
+
+
+def self_killing_file_server(path: str, seconds: float) -> None:
+    """A FileTimerServer that asks for torch's behaviour: it signals itself after a reap."""
+    server = hangwatch.FileTimerServer(path, "self-kill", signal_self=True)
+    server.start()
+    time.sleep(seconds)
+    server.stop()

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, ClassVar, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -16,6 +16,7 @@ import pytest
 # which multiprocessing passes on to them.
 sys.path.insert(0, str(Path(__file__).parent))
 
+from hangwatch._reaper import ProcessPin
 from hangwatch.events import Event
 
 try:
@@ -91,3 +92,32 @@ def run_worker(target: Callable[..., Any], *args: Any, timeout: float = 30, ctx:
         p.join()
         pytest.fail(f"worker {target.__name__} was still running after {timeout} s")
     return p
+
+
+class RecorderPin(ProcessPin):
+    """A kill primitive that records instead of acting: never opens, never signals a process.
+
+    Pass it as a server's ``pin=`` when a test feeds hostile pids outside a PID namespace.
+    """
+
+    pinned: ClassVar[List[int]] = []
+    signals: ClassVar[List[Tuple[int, int]]] = []
+
+    def __init__(self, pid: int) -> None:  # no super().__init__: nothing is opened
+        self.pid = pid
+        self._fd = -1
+        self._start = None
+        RecorderPin.pinned.append(pid)
+
+    def alive(self) -> bool:
+        return True
+
+    def send_signal(self, signum: int) -> None:
+        RecorderPin.signals.append((self.pid, signum))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_recorder() -> Iterator[None]:
+    RecorderPin.pinned.clear()
+    RecorderPin.signals.clear()
+    yield

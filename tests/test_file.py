@@ -18,7 +18,7 @@ import hangwatch
 from hangwatch import FileTimerClient, FileTimerServer, ServerUnavailableError
 
 import _workers
-from conftest import EventLog, alive, run_worker, wait_for
+from conftest import EventLog, RecorderPin, run_worker, wait_for
 
 spawn = mp.get_context("spawn")
 
@@ -236,6 +236,20 @@ class TestHostileLines:
                 b"\xff\xfe not utf-8",
                 b"x" * 5000,
             ]
+            ext = lambda hw: json.dumps(  # noqa: E731
+                {"pid": child.pid, "scope_id": "s", "expiration_time": 1e12, "signal": 9, "hangwatch": hw}
+            ).encode()
+            bad += [  # a hangwatch field that is malformed refuses the whole request
+                ext(5),
+                ext({"start": "yesterday"}),
+                ext({"dump_signal": 9, "dump_fd": 3}),  # SIGKILL cannot carry a dump
+                ext({"dump_signal": 12}),  # without its descriptor
+                ext({"dump_signal": 12, "dump_fd": -4}),
+                ext({"reap": [["TERM"], 1, True, 1]}),
+                ext({"reap": [[15], -5, True, 1]}),
+                ext({"reap": [[15, 0], 1, True, 1]}),
+                ext({"reap": "everyone"}),
+            ]
             fd = os.open(server.file_path, os.O_WRONLY)
             try:
                 os.write(fd, good("before") + b"\n")
@@ -253,19 +267,22 @@ class TestHostileLines:
             child.join()
 
     @pytest.mark.parametrize("pid", [-1, 0, 1])
-    def test_process_group_and_init_pids_are_refused(self, server: FileTimerServer, events: EventLog, pid: int) -> None:
-        """pid -1, 0 and 1 are refused at once: never registered, so never signalled."""
+    def test_process_group_and_init_pids_are_refused(self, fifo_path: str, events: EventLog, pid: int) -> None:
+        """pid -1, 0 and 1 are refused at once: never pinned, never signalled (kill primitives are recorders here)."""
+        server = FileTimerServer(fifo_path, pin=RecorderPin)
+        server.start()
         fd = os.open(server.file_path, os.O_WRONLY)
         try:
             line = {"version": 1, "pid": pid, "scope_id": "s", "expiration_time": time.time() - 1, "signal": 9}
             os.write(fd, json.dumps(line).encode() + b"\n")
+            assert wait_for(lambda: events.named("bad request"), 5)
+            time.sleep(0.2)
         finally:
             os.close(fd)
-        assert wait_for(lambda: events.named("bad request"), 5)
+            server.stop()
         assert "must be > 1" in events.named("bad request")[0].details["reason"]
-        time.sleep(0.2)
         assert server.active_timers == 0 and events.named("kill worker process") == []
-        assert alive(os.getpid())
+        assert RecorderPin.pinned == [] and RecorderPin.signals == []
 
     def test_server_never_targets_itself(self, server: FileTimerServer, events: EventLog) -> None:
         """A request naming the server's own pid is refused (torch's server would kill itself)."""

@@ -481,14 +481,14 @@ class PidTimerServer(TimerServer):
             except PermissionError as exc:
                 reason = f"cannot watch process: {exc}"
             else:
-                if info is not None and info.start is not None and start_time(pid) != info.start:
+                if info is not None and not self._same_process(pin, info):
                     pin.close()
                     self._events.emit(
                         "worker exited",
                         worker=pid,
                         scope=scope,
                         reason="the requesting process already exited and its pid now belongs to another "
-                        "process (start times differ); that process is never signalled",
+                        "process (start times or pidfd identities differ); that process is never signalled",
                     )
                     return False
                 self._pins[pid] = pin
@@ -499,6 +499,17 @@ class PidTimerServer(TimerServer):
                 return True
         self._events.emit(refusal, worker=pid, scope=scope, reason=reason)
         return False
+
+    @staticmethod
+    def _same_process(pin: ProcessPin, info: WorkerInfo) -> bool:
+        """Whether the pinned process is the one that sent the request (by its start time and pidfd inode)."""
+        if info.start is not None and start_time(pin.pid) != info.start:
+            return False
+        if info.pidfd_ino is not None:
+            inode = pin.identity()
+            if inode >= 0 and inode != info.pidfd_ino:
+                return False
+        return True
 
     def _release_pin(self, pid: int) -> None:
         """Forget the worker's pin: stop watching it and close it."""

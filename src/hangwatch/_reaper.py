@@ -29,6 +29,7 @@ __all__ = [
     "ProcessPin",
     "ReapPolicy",
     "check_policy",
+    "pidfd_inode",
     "process_state",
     "refuse_target",
     "signal_name",
@@ -83,6 +84,39 @@ def start_time(pid: int) -> Optional[int]:
     return int(stat[stat.rindex(b")") + 2 :].split()[19])
 
 
+def _own_pidfd_inode() -> int:
+    """The inode of a pidfd for this process, or -1 (no pidfds)."""
+    if not _HAVE_PIDFD:
+        return -1
+    fd = os.pidfd_open(os.getpid())
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+_PIDFD_INODE_OF_SELF = _own_pidfd_inode()
+
+
+def pidfd_inode(pid: int) -> int:
+    """A boot-unique identity of process ``pid`` where the kernel gives one, else -1.
+
+    Since Linux 6.9 (pidfs) every process's pidfd has its own inode number, never
+    reused; on older kernels all pidfds share one inode and this returns -1.
+    """
+    if _PIDFD_INODE_OF_SELF < 0:
+        return -1
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return -1
+    try:
+        inode = os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+    return inode if inode != _PIDFD_INODE_OF_SELF or pid == os.getpid() else -1
+
+
 class ProcessPin:
     """A handle on one process that is never confused with a later process of the same pid.
 
@@ -110,6 +144,13 @@ class ProcessPin:
     def fileno(self) -> int:
         """A descriptor that becomes readable when the process exits, or -1 where there is none."""
         return self._fd
+
+    def identity(self) -> int:
+        """The pinned process's boot-unique pidfd inode (Linux 6.9+), or -1 where the kernel gives none."""
+        if self._fd < 0 or _PIDFD_INODE_OF_SELF < 0:
+            return -1
+        inode = os.fstat(self._fd).st_ino
+        return inode if inode != _PIDFD_INODE_OF_SELF or self.pid == os.getpid() else -1
 
     def alive(self) -> bool:
         """Whether the pinned process has not exited yet."""

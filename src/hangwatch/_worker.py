@@ -6,9 +6,11 @@ request)::
 
     {"start": 81234, "dump_signal": 12, "dump_fd": 7, "reap": [[15, 9], 5.0, true, 1.0]}
 
-- ``start``: the process start time (clock ticks since boot, from /proc). The server
-  pins the pid only if the process it finds has this start time, so a request of a
-  worker that already exited never pins a newcomer that got its pid.
+- ``start``: the process start time (clock ticks since boot, from /proc), and
+  ``pidfd_ino``: its pidfd's inode (Linux 6.9+, unique for the boot). The server pins
+  the pid only if the process it finds matches them, so a request of a worker that
+  already exited never pins a newcomer that got its pid. (The start time alone cannot
+  tell apart two processes started within the same clock tick.)
 - ``dump_signal``/``dump_fd``: the worker registered :mod:`faulthandler` for that signal,
   writing to that descriptor (an in-memory file). The server sends the signal and reads
   the all-thread stack from ``/proc/PID/fd/FD`` before the kill. The handler is C code
@@ -29,7 +31,7 @@ import sys
 import threading
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 
-from ._reaper import VALID_SIGNALS, ReapPolicy, signal_name, start_time
+from ._reaper import VALID_SIGNALS, ReapPolicy, pidfd_inode, signal_name, start_time
 
 __all__ = ["DEFAULT_DUMP_SIGNAL", "WorkerInfo", "check_dump_signal", "dump_channel", "identity", "parse_identity"]
 
@@ -126,16 +128,17 @@ def _adopt_after_fork(pid: int) -> None:
     _owner = pid
 
 
-_start_cache = (-1, -1)
+_start_cache = (-1, -1, -1)
 
 
-def _own_start() -> int:
+def _own_identity() -> tuple[int, int]:
+    """(start time, pidfd inode) of this process, -1 where unknown; computed once per process."""
     global _start_cache
     pid = os.getpid()
     if _start_cache[0] != pid:
         start = start_time(pid)
-        _start_cache = (pid, -1 if start is None else start)
-    return _start_cache[1]
+        _start_cache = (pid, -1 if start is None else start, pidfd_inode(pid))
+    return _start_cache[1], _start_cache[2]
 
 
 def identity(dump_signal: int, policy: Optional[ReapPolicy] = None, *, server_policy: bool = False) -> Dict[str, Any]:
@@ -147,9 +150,11 @@ def identity(dump_signal: int, policy: Optional[ReapPolicy] = None, *, server_po
         server_policy: without a policy, ask explicitly for the server's (``"reap": "server"``).
     """
     info: Dict[str, Any] = {}
-    start = _own_start()
+    start, inode = _own_identity()
     if start >= 0:
         info["start"] = start
+    if inode >= 0:
+        info["pidfd_ino"] = inode
     fd = dump_channel(dump_signal)
     if fd >= 0:
         info["dump_signal"] = dump_signal
@@ -165,6 +170,7 @@ class WorkerInfo(NamedTuple):
     """A request's identity, decoded and validated by the server."""
 
     start: Optional[int]
+    pidfd_ino: Optional[int]
     dump_signal: int
     dump_fd: int
     policy: Union[ReapPolicy, str, None]  # a policy, "server", or None (torch's rule)
@@ -188,6 +194,7 @@ def parse_identity(info: object) -> WorkerInfo:
     if not isinstance(info, dict):
         raise ValueError(f"the hangwatch field must be an object (got {info!r})")
     start = _int_field(info, "start", 0, math.inf)
+    pidfd_ino = _int_field(info, "pidfd_ino", 0, math.inf)
     dump_signal = _int_field(info, "dump_signal", 1, signal.NSIG - 1)
     dump_fd = _int_field(info, "dump_fd", 0, 1 << 30)
     if (dump_signal is None) != (dump_fd is None):
@@ -197,4 +204,4 @@ def parse_identity(info: object) -> WorkerInfo:
     reap = info.get("reap")
     policy: Union[ReapPolicy, str, None]
     policy = reap if reap is None or reap == "server" else ReapPolicy.from_wire(reap)
-    return WorkerInfo(start, dump_signal or 0, -1 if dump_fd is None else dump_fd, policy)
+    return WorkerInfo(start, pidfd_ino, dump_signal or 0, -1 if dump_fd is None else dump_fd, policy)
