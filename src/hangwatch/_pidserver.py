@@ -37,7 +37,7 @@ from .events import EventEmitter, EventSink, JsonLinesSink
 __all__ = ["PidTimerServer"]
 
 # How often the size of a worker's dump file is checked while its stack is being written.
-_DUMP_POLL = 0.002
+_DUMP_POLL = 0.001
 # How long before retrying a signal that failed for a reason other than permissions or exit.
 _SIGNAL_RETRY = 1.0
 # For pins without a descriptor to watch: how often a worker being reaped is checked for its exit.
