@@ -503,8 +503,10 @@ class PidTimerServer(TimerServer):
     @staticmethod
     def _same_process(pin: ProcessPin, info: WorkerInfo) -> bool:
         """Whether the pinned process is the one that sent the request (by its start time and pidfd inode)."""
-        if info.start is not None and start_time(pin.pid) != info.start:
-            return False
+        if info.start is not None:
+            actual = start_time(pin.pid)
+            if actual is not None and actual != info.start:  # unreadable /proc (hidepid): the pidfd inode decides
+                return False
         if info.pidfd_ino is not None:
             inode = pin.identity()
             if inode >= 0 and inode != info.pidfd_ino:
