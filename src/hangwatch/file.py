@@ -38,6 +38,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union, overload
 
 from ._pidserver import PidTimerServer
+from ._pipe import read_available, take
 from ._reaper import VALID_SIGNALS, ProcessPin, ReapPolicy, check_policy, signal_name
 from ._worker import DEFAULT_DUMP_SIGNAL, check_dump_signal, identity
 from .api import RequestQueue, ServerUnavailableError, TimerClient, TimerRequest, _check_interval
@@ -427,26 +428,12 @@ class _FifoRequestQueue(RequestQueue):
             if not self._ready and timeout > 0:
                 select.select([self._fd], [], [], timeout)
                 self._read_available()
-        ready = self._ready
-        out: List[TimerRequest] = []
-        while ready and len(out) < size:
-            out.append(ready.popleft())
-        return out
+        return take(self._ready, size)
 
     def _read_available(self) -> None:
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(self._fd, 65536)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if len(chunk) < 65536:
-                break
-        if chunks:
-            self._feed(b"".join(chunks))
+        data = read_available(self._fd)
+        if data:
+            self._feed(data)
 
     def _feed(self, data: bytes) -> None:
         data = self._buffer + data

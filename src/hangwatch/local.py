@@ -22,6 +22,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Union
 
 from ._pidserver import PidTimerServer
+from ._pipe import read_available, take
 from ._reaper import ProcessPin, ReapPolicy, check_policy
 from ._worker import DEFAULT_DUMP_SIGNAL, check_dump_signal, identity
 from .api import RequestQueue, ServerUnavailableError, TimerClient, TimerRequest, _check_interval
@@ -277,11 +278,7 @@ class MultiprocessingRequestQueue(RequestQueue):
             if not self._ready and timeout > 0:
                 select.select([self._fd], [], [], timeout)
                 self._read_available()
-        ready = self._ready
-        out: List[TimerRequest] = []
-        while ready and len(out) < size:
-            out.append(ready.popleft())
-        return out
+        return take(self._ready, size)
 
     def _get_one_by_one(self, size: int, timeout: float) -> List[TimerRequest]:
         requests: List[TimerRequest] = []
@@ -301,19 +298,9 @@ class MultiprocessingRequestQueue(RequestQueue):
         if not q._rlock.acquire(False):
             return  # another reader (there should be none) is inside get(); read next round
         try:
-            chunks = []
-            while True:
-                try:
-                    chunk = os.read(self._fd, 65536)
-                except BlockingIOError:
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                if len(chunk) < 65536:
-                    break
-            if chunks:
-                self._frames(self._buffer + b"".join(chunks))
+            data = read_available(self._fd)
+            if data:
+                self._frames(self._buffer + data)
         finally:
             q._rlock.release()
 
