@@ -113,3 +113,32 @@ def test_bad_queue_is_a_clear_error() -> None:
         hangwatch.LocalTimerServer("not a queue")
     with pytest.raises(TypeError, match="mp_queue must be a multiprocessing queue"):
         hangwatch.LocalTimerClient(42)
+
+
+class TestQueueWire:
+    def test_requests_arrive_whole_and_in_order_with_the_workers_identity(self) -> None:
+        """The client's own writes (pickled once per scope) read back as the requests it sent, in order."""
+        import os
+
+        from hangwatch.local import MultiprocessingRequestQueue, WorkerRequest
+
+        q = mp.get_context("spawn").Queue()
+        client = hangwatch.LocalTimerClient(q)
+        reader = MultiprocessingRequestQueue(q)
+        sent = []
+        for i in range(150):  # well under the pipe's 64 KiB: nothing reads until the end
+            scope = f"scope-{i % 7}"
+            at = time.time() + i
+            client.acquire(scope, at)
+            client.release(scope)
+            sent += [(scope, at), (scope, -1)]
+        got = []
+        while len(got) < len(sent):
+            got += reader.get(1000, 5)
+        assert [(r.scope_id, r.expiration_time) for r in got] == sent
+        assert {r.worker_id for r in got} == {os.getpid()}
+        acquires = [r for r in got if r.expiration_time > 0]
+        assert all(type(r) is WorkerRequest for r in acquires)
+        assert acquires[0].hangwatch["start"] > 0 and acquires[0].hangwatch["dump_signal"] == signal.SIGUSR2
+        assert q.qsize() == 0  # the queue's own count agrees: nothing written around its semaphore
+        reader.close()
