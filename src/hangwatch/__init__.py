@@ -25,6 +25,7 @@ if sys.platform == "win32":  # pragma: no cover - refused before anything else i
 
 from ._reaper import ReapPolicy
 from .api import RequestQueue, TimerClient, TimerRequest, TimerServer, configure, expires, get_configured_client
+from .env import configure_from_env
 from .events import EVENT_NAMES, Event, JsonLinesSink
 from .file import FileTimerClient, FileTimerRequest, FileTimerServer, ServerUnavailableError
 from .local import LocalTimerClient, LocalTimerServer, MultiprocessingRequestQueue
@@ -52,6 +53,7 @@ __all__ = [
     "TimerServer",
     "__version__",
     "configure",
+    "configure_from_env",
     "expires",
     "get_configured_client",
 ]

@@ -1,0 +1,10 @@
+"""``python -m hangwatch``: the same as the ``hangwatch`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

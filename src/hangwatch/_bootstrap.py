@@ -1,0 +1,70 @@
+"""How a worker process starts under hangwatch's agent: die with the agent, then run the user's code.
+
+Run as ``python -m hangwatch._bootstrap --parent PID (--script PATH | --module NAME | --exec CMD) [ARGS...]``.
+
+1. Ask the kernel to SIGKILL this process when the agent dies (``PR_SET_PDEATHSIG``,
+   kept across ``exec``), and exit at once if the agent is already gone.
+2. For a Python script or module: configure the timer client from the environment
+   (:func:`hangwatch.configure_from_env`), so ``expires`` works with no set-up, then run
+   it as ``__main__``, as ``python script.py`` / ``python -m module`` would.
+3. For any other command: ``exec`` it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import runpy
+import signal
+import sys
+from typing import List, Optional
+
+__all__ = ["die_with_parent", "main"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: Optional[int]) -> None:
+    """Have the kernel SIGKILL this process when its parent exits (Linux); exit now if ``parent`` is gone."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)  # the agent died before the death signal was armed
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point (see the module docstring)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    parent: Optional[int] = None
+    if len(args) >= 2 and args[0] == "--parent":
+        parent = int(args[1])
+        args = args[2:]
+    if len(args) < 2 or args[0] not in ("--script", "--module", "--exec"):
+        sys.exit(
+            "usage: python -m hangwatch._bootstrap [--parent PID] (--script PATH | --module NAME | --exec CMD) ..."
+        )
+    mode, target, rest = args[0], args[1], args[2:]
+    die_with_parent(parent)
+    if mode == "--exec":
+        try:
+            os.execvp(target, [target, *rest])
+        except OSError as exc:
+            sys.exit(f"hangwatch: cannot run {target!r}: {exc.strerror}")
+    from .env import configure_from_env
+
+    configure_from_env(required=False)
+    if mode == "--script":
+        sys.argv = [target, *rest]
+        sys.path[0] = os.path.dirname(os.path.abspath(target))
+        runpy.run_path(target, run_name="__main__")
+    else:
+        sys.argv = [target, *rest]
+        sys.path[0] = os.getcwd()
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
