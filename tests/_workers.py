@@ -182,3 +182,62 @@ def self_killing_file_server(path: str, seconds: float) -> None:
     server.start()
     time.sleep(seconds)
     server.stop()
+
+
+# ----------------------------------------------------------------- agent (issue 4)
+
+
+def fails_until_restart(succeed_at: int) -> int:
+    """Exit 1 on the first attempts; return the rank times 10 from attempt ``succeed_at`` on."""
+    import os
+    import sys
+
+    if int(os.environ["TORCHELASTIC_RESTART_COUNT"]) < succeed_at:
+        sys.exit(1)
+    return int(os.environ["RANK"]) * 10
+
+
+def always_fails() -> None:
+    import sys
+
+    sys.exit(3)
+
+
+def stuck_on_first_attempt() -> str:
+    """Zero-setup: no configure() call; the agent configured the client from the environment."""
+    import os
+
+    restart = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    with hangwatch.expires(after=0.5, scope="step"):
+        if restart == 0 and os.environ["RANK"] == "1":
+            hang_in_collective()
+    return "done"
+
+
+def hang_in_collective() -> None:
+    time.sleep(3600)
+
+
+def seed_trainer(message_queue: Any) -> None:
+    """torch's documented worker: configure a LocalTimerClient on the queue passed through args."""
+    import os
+
+    hangwatch.configure(hangwatch.LocalTimerClient(message_queue))
+    with hangwatch.expires(after=0.5):
+        if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+            time.sleep(3600)
+
+
+def ignores_sigterm_or_fails(pid_file: str) -> None:
+    """Rank 0 ignores SIGTERM and sleeps; rank 1 fails at once, which stops the group."""
+    import os
+    import signal
+    import sys
+
+    if os.environ["RANK"] == "1":
+        time.sleep(0.5)
+        sys.exit(1)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(3600)

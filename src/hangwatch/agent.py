@@ -395,6 +395,7 @@ class LocalElasticAgent:
         with state ``INTERRUPTED``.
         """
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         previous = self._install_signal_handlers()
         timer_dir: Optional[str] = None
