@@ -102,3 +102,41 @@ def test_torchs_documented_usage_with_only_the_import_changed() -> None:
     with hangwatch.expires(after=60):
         time.sleep(0.01)
     server.stop()
+
+
+def test_configure_from_env_under_torchrun(tmp_path: Path) -> None:
+    """Under real torchrun with TORCHELASTIC_ENABLE_FILE_TIMER=1, configure_from_env() reaches torch's server."""
+    import subprocess
+    import sys
+    import textwrap
+
+    marker = tmp_path / "marker"
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, time
+            import hangwatch
+            client = hangwatch.configure_from_env()
+            with open({str(marker)!r}, "w") as f:
+                f.write(f"{{os.getpid()}} {{type(client).__name__}}")
+            with hangwatch.expires(after=0.5, scope="torchrun-step"):
+                time.sleep(60)
+            with open({str(marker)!r}, "a") as f:
+                f.write(" finished")
+            """
+        )
+    )
+    env = {**os.environ, "TORCHELASTIC_ENABLE_FILE_TIMER": "1", "TORCHELASTIC_TIMER_FILE": str(tmp_path / "t.fifo")}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    pid, kind = marker.read_text().split()[:2]
+    assert kind == "FileTimerClient"
+    assert "finished" not in marker.read_text()  # reaped inside the block, long before its 60 s sleep ended
+    assert done.returncode != 0  # the worker was killed (and torch's server then signals its own agent)
+    assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10)
