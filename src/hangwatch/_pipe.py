@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Deque, List
+import select
+from typing import Any, Callable, Deque, List
 
-__all__ = ["read_available", "take"]
+__all__ = ["read_available", "take", "wait_and_take"]
 
 _CHUNK = 65536
 
@@ -32,3 +33,13 @@ def take(ready: Deque[Any], size: int) -> List[Any]:
     while ready and len(out) < size:
         out.append(ready.popleft())
     return out
+
+
+def wait_and_take(fd: int, ready: Deque[Any], refill: Callable[[], None], size: int, timeout: float) -> List[Any]:
+    """Up to ``size`` items of ``ready``; when it is empty, ``refill()`` it, waiting up to ``timeout`` for ``fd``."""
+    if not ready:
+        refill()
+        if not ready and timeout > 0:
+            select.select([fd], [], [], timeout)
+            refill()
+    return take(ready, size)

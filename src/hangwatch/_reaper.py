@@ -21,7 +21,7 @@ import select
 import signal
 import stat
 import sys
-from typing import Any, Iterable, Optional, Tuple, Union
+from typing import Any, Iterable, Iterator, Optional, Tuple, Union
 
 __all__ = [
     "VALID_SIGNALS",
@@ -31,9 +31,11 @@ __all__ = [
     "check_policy",
     "pidfd_inode",
     "process_state",
+    "processes",
     "refuse_target",
     "signal_name",
     "start_time",
+    "stat_fields",
 ]
 
 _HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
@@ -42,18 +44,38 @@ VALID_SIGNALS = frozenset(int(s) for s in signal.valid_signals())
 """The signal numbers of this system (computed once: ``signal.valid_signals()`` is slow)."""
 
 
+def stat_fields(pid: Union[int, str]) -> Optional[list[bytes]]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...), or None.
+
+    ``fields[0]`` is the state, ``[1]`` the parent, ``[2]`` the process group, ``[19]`` the start time.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(b")") + 2 :].split()
+
+
+def processes() -> Iterator[tuple[int, list[bytes]]]:
+    """Every process visible in /proc, as (pid, :func:`stat_fields`)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = stat_fields(entry)
+            if fields is not None:
+                yield int(entry), fields
+
+
 def _ancestors() -> set[int]:
     """The pids of this process's ancestors (read from /proc; empty where there is none)."""
     found: set[int] = set()
     pid = os.getppid()
     while pid > 1 and pid not in found:
         found.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
+        fields = stat_fields(pid)
+        if fields is None:
             break
-        pid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        pid = int(fields[1])
     return found
 
 
@@ -76,12 +98,8 @@ def refuse_target(pid: object) -> Optional[str]:
 
 def start_time(pid: int) -> Optional[int]:
     """The process start time in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def _own_pidfd_inode() -> int:
@@ -378,12 +396,10 @@ _STATES = {
 
 def process_state(pid: int) -> str:
     """The scheduler state of ``pid`` in words (from /proc), or ``"unknown"``."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat_line = f.read()
-        code = stat_line[stat_line.rindex(b")") + 2 :].split()[0].decode()
-    except (OSError, ValueError, IndexError):
+    fields = stat_fields(pid)
+    if not fields:
         return "unknown"
+    code = fields[0].decode()
     return f"{code} ({_STATES.get(code, 'other')})"
 
 

@@ -34,7 +34,7 @@ import uuid
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from ._bootstrap import die_with_parent
-from ._reaper import ReapPolicy, check_policy, signal_name
+from ._reaper import ReapPolicy, check_policy, processes, signal_name
 from .env import ENV_TIMER_FILE, configure_from_env
 from .events import Event
 from .file import FileTimerServer
@@ -275,38 +275,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_DEAD = (b"Z", b"X")
+
+
 def _live_group_members(pgids: Set[int]) -> Set[int]:
     """The pids of live (not zombie) processes whose process group is one of ``pgids``."""
-    found: Set[int] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if fields[0] not in (b"Z", b"X") and int(fields[2]) in pgids:
-            found.add(int(entry))
-    return found
+    return {pid for pid, fields in processes() if fields[0] not in _DEAD and int(fields[2]) in pgids}
 
 
-def _children_of(pid: int, zombies: bool = False) -> Set[int]:
-    """The children of ``pid`` (from /proc), live ones only unless ``zombies``."""
-    found: Set[int] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if int(fields[1]) == pid and (zombies or fields[0] not in (b"Z", b"X")):
-            found.add(int(entry))
-    return found
+def _children_of(parent: int, zombies: bool = False) -> Set[int]:
+    """The children of ``parent`` (from /proc), live ones only unless ``zombies``."""
+    return {pid for pid, fields in processes() if int(fields[1]) == parent and (zombies or fields[0] not in _DEAD)}
 
 
 # --------------------------------------------------------------------------- the agent
@@ -394,6 +373,8 @@ class LocalElasticAgent:
         SIGINT and SIGTERM (when called from the main thread) stop every worker and end the run
         with state ``INTERRUPTED``.
         """
+        self._interrupt.clear()
+        self._interrupt_signal = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)

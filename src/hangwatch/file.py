@@ -38,7 +38,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union, overload
 
 from ._pidserver import PidTimerServer
-from ._pipe import read_available, take
+from ._pipe import read_available, wait_and_take
 from ._reaper import VALID_SIGNALS, ProcessPin, ReapPolicy, check_policy, signal_name
 from ._worker import DEFAULT_DUMP_SIGNAL, check_dump_signal, identity
 from .api import RequestQueue, ServerUnavailableError, TimerClient, TimerRequest, _check_interval
@@ -423,12 +423,7 @@ class _FifoRequestQueue(RequestQueue):
 
     def get(self, size: int, timeout: float) -> List[TimerRequest]:
         """Up to ``size`` requests, waiting at most ``timeout`` seconds when none is waiting."""
-        if not self._ready:
-            self._read_available()
-            if not self._ready and timeout > 0:
-                select.select([self._fd], [], [], timeout)
-                self._read_available()
-        return take(self._ready, size)
+        return wait_and_take(self._fd, self._ready, self._read_available, size, timeout)
 
     def _read_available(self) -> None:
         data = read_available(self._fd)

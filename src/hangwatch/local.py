@@ -22,7 +22,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
 from ._pidserver import PidTimerServer
-from ._pipe import read_available, take
+from ._pipe import read_available, wait_and_take
 from ._reaper import ProcessPin, ReapPolicy, check_policy
 from ._worker import DEFAULT_DUMP_SIGNAL, check_dump_signal, identity
 from .api import RequestQueue, ServerUnavailableError, TimerClient, TimerRequest, _check_interval
@@ -333,12 +333,7 @@ class MultiprocessingRequestQueue(RequestQueue):
         """Up to ``size`` requests, waiting at most ``timeout`` seconds in all."""
         if self._fd < 0:
             return self._get_one_by_one(size, timeout)
-        if not self._ready:
-            self._read_available()
-            if not self._ready and timeout > 0:
-                select.select([self._fd], [], [], timeout)
-                self._read_available()
-        return take(self._ready, size)
+        return wait_and_take(self._fd, self._ready, self._read_available, size, timeout)
 
     def _get_one_by_one(self, size: int, timeout: float) -> List[TimerRequest]:
         requests: List[TimerRequest] = []
