@@ -85,6 +85,14 @@ class _Reap:
             self.reader.close()
             self.reader = None
 
+    def evidence(self) -> Dict[str, Any]:
+        """The stack for the event, or why there is none."""
+        if self.stack is not None:
+            return {"stack": self.stack}
+        if self.stack_note is not None:
+            return {"stack_note": self.stack_note}
+        return {}
+
 
 def _check_pids(pids: Optional[Iterable[int]]) -> Optional[frozenset[int]]:
     if pids is None:
@@ -399,10 +407,7 @@ class PidTimerServer(TimerServer):
             details["late_s"] = round(time.time() - job.request.expiration_time, 6)
             if len(job.scopes) > 1:
                 details["scopes"] = job.scopes
-            if job.stack is not None:
-                details["stack"] = job.stack
-            elif job.stack_note is not None:
-                details["stack_note"] = job.stack_note
+            details.update(job.evidence())
         else:
             details["reason"] = f"still alive {policy.grace:g} s after {signal_name(job.last_signal)}"
         job.step += 1
@@ -418,10 +423,7 @@ class PidTimerServer(TimerServer):
         """Every signal was sent (or none was asked for) and the worker is still alive: say so."""
         if not job.policy.signals:
             details: Dict[str, Any] = {"scopes": job.scopes, "reason": "the expired timer asked for no signal"}
-            if job.stack is not None:
-                details["stack"] = job.stack
-            elif job.stack_note is not None:
-                details["stack_note"] = job.stack_note
+            details.update(job.evidence())
             self._events.emit("expired, not signalled", worker=job.pid, scope=job.request.scope_id, **details)
         else:
             self._events.emit(

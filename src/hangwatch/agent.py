@@ -278,14 +278,9 @@ def _free_port() -> int:
 _DEAD = (b"Z", b"X")
 
 
-def _live_group_members(pgids: Set[int]) -> Set[int]:
-    """The pids of live (not zombie) processes whose process group is one of ``pgids``."""
-    return {pid for pid, fields in processes() if fields[0] not in _DEAD and int(fields[2]) in pgids}
-
-
-def _children_of(parent: int, zombies: bool = False) -> Set[int]:
-    """The children of ``parent`` (from /proc), live ones only unless ``zombies``."""
-    return {pid for pid, fields in processes() if int(fields[1]) == parent and (zombies or fields[0] not in _DEAD)}
+def _children_of(parent: int) -> Set[int]:
+    """The live children of ``parent`` (from /proc)."""
+    return {pid for pid, fields in processes() if int(fields[1]) == parent and fields[0] not in _DEAD}
 
 
 # --------------------------------------------------------------------------- the agent
@@ -585,60 +580,58 @@ class LocalElasticAgent:
         """Stop every process of the group: SIGTERM, grace, SIGKILL, until none is left; then reap them."""
         pgids = {w.pid for w in workers}
         for signum, wait in ((signal.SIGTERM, self._stop_grace), (signal.SIGKILL, 10.0)):
-            live = _live_group_members(pgids) | self._orphans(workers, before)
-            if not live:
+            members, orphans = self._leftovers(pgids, before)
+            if not members and not orphans:
                 break
             for pgid in pgids:
                 try:
                     os.killpg(pgid, signum)  # a group whose leader is unreaped cannot be reused meanwhile
                 except (ProcessLookupError, PermissionError):
                     pass
-            for pid in self._orphans(workers, before):
+            for pid in orphans:
                 try:
                     os.kill(pid, signum)
                 except (ProcessLookupError, PermissionError):
                     pass
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and (_live_group_members(pgids) or self._orphans(workers, before)):
-                self._reap_orphans(workers, before)
+            while time.monotonic() < deadline and any(self._leftovers(pgids, before)):
                 time.sleep(0.02)
         for worker in workers:
             worker.reap()
-        self._reap_orphans(workers, before)
-        left = _live_group_members(pgids)
-        if left:
-            logger.error("processes %s of the stopped worker group did not exit (stuck in the kernel?)", sorted(left))
+        members, _ = self._leftovers(pgids, before)
+        if members:
+            logger.error(
+                "processes %s of the stopped worker group did not exit (stuck in the kernel?)", sorted(members)
+            )
 
-    def _orphans(self, workers: List[_Worker], before: Set[int]) -> Set[int]:
-        """Descendants of the workers that left their process group and came back to this subreaper.
+    def _leftovers(self, pgids: Set[int], before: Set[int]) -> Tuple[Set[int], Set[int]]:
+        """One pass over /proc: the live processes of the groups ``pgids``, and the live orphans.
 
-        The agent's own helpers (multiprocessing's resource tracker or fork server) share its
-        process group; an escaped descendant made its own.
+        Orphans (with ``subreaper`` only) are descendants of the workers that left their
+        process group and came back to this process: its children that it did not start
+        before the group, that are not workers, and that are not in its own process group
+        (its own helpers, such as multiprocessing's resource tracker, are). Orphans that
+        already exited are collected here.
         """
-        if not self._subreaper:
-            return set()
-        candidates = _children_of(os.getpid()) - before - {w.pid for w in workers}
+        me = os.getpid()
         own_group = os.getpgrp()
-        found = set()
-        for pid in candidates:
-            try:
-                if os.getpgid(pid) != own_group:
-                    found.add(pid)
-            except ProcessLookupError:
-                pass
-        return found
-
-    def _reap_orphans(self, workers: List[_Worker], before: Set[int]) -> None:
-        """Collect the orphans that exited (only those: the workers are collected through their handles)."""
-        if not self._subreaper:
-            return
-        own_group = os.getpgrp()
-        for pid in _children_of(os.getpid(), zombies=True) - before - {w.pid for w in workers}:
-            try:
-                if os.getpgid(pid) != own_group:
-                    os.waitpid(pid, os.WNOHANG)
-            except (ChildProcessError, ProcessLookupError):
-                pass
+        members: Set[int] = set()
+        orphans: Set[int] = set()
+        for pid, fields in processes():
+            dead = fields[0] in _DEAD
+            pgrp = int(fields[2])
+            if pgrp in pgids:
+                if not dead:
+                    members.add(pid)
+            elif self._subreaper and int(fields[1]) == me and pid not in before and pgrp != own_group:
+                if not dead:
+                    orphans.add(pid)
+                else:
+                    try:
+                        os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        pass
+        return members, orphans
 
     # ------------------------------------------------------------------ events and signals
 
