@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Optional
 
 import hangwatch
 
@@ -241,3 +241,119 @@ def ignores_sigterm_or_fails(pid_file: str) -> None:
     with open(pid_file, "w") as f:
         f.write(str(os.getpid()))
     time.sleep(3600)
+
+
+# ----------------------------------------------------------------- shared memory (issue 5)
+
+
+def shm_stuck(path: str, after: float, scope: Optional[str]) -> None:
+    """Registers, runs healthy blocks, then gets stuck in one (default scope when scope is None)."""
+    import time
+
+    hangwatch.configure(hangwatch.SharedMemoryTimerClient(path))
+    for _ in range(1000):
+        with hangwatch.expires(after=60, scope="healthy"):
+            pass
+    if scope is None:
+        with hangwatch.expires(after=after):
+            time.sleep(60)
+    with hangwatch.expires(after=after, scope=scope):
+        time.sleep(60)
+
+
+def shm_stuck_in_regex(path: str, after: float) -> None:
+    """Holds the GIL inside the re engine right after its (system-call free) check-in."""
+    import re
+
+    hangwatch.configure(hangwatch.SharedMemoryTimerClient(path))
+    with hangwatch.expires(after=after, scope="regex"):
+        re.match(r"(a+)+$", "a" * 64 + "b")
+
+
+def shm_nested_same_scope(path: str) -> None:
+    """torch's semantics: the inner block re-acquires the scope; leaving it releases the scope for good."""
+    import time
+
+    hangwatch.configure(hangwatch.SharedMemoryTimerClient(path))
+    with hangwatch.expires(after=60, scope="s"):
+        with hangwatch.expires(after=0.2, scope="s"):
+            pass
+        time.sleep(0.8)  # the outer block outlives the inner deadline: released, so not reaped
+
+
+def shm_many_short_blocks(path: str, blocks: int) -> None:
+    """Healthy blocks with a short timeout, each left well before its deadline: never reaped."""
+    hangwatch.configure(hangwatch.SharedMemoryTimerClient(path))
+    for _ in range(blocks):
+        with hangwatch.expires(after=0.5, scope="short"):
+            pass
+        with hangwatch.expires(after=0.5):
+            pass
+
+
+def shm_fork_child_stuck(path: str, pid_file: str) -> None:
+    """The parent registers; a forked child gets stuck in a block; the parent waits for it."""
+    import os
+    import time
+
+    hangwatch.configure(hangwatch.SharedMemoryTimerClient(path))
+    guard = hangwatch.expires(after=60, scope="shared")
+    with guard:
+        pass
+    child = os.fork()
+    if child == 0:
+        with hangwatch.expires(after=0.3, scope="child"):
+            time.sleep(60)
+        os._exit(0)
+    with open(pid_file, "w") as f:
+        f.write(str(child))
+    with guard:  # the parent's own block after the fork still works
+        _, status = os.waitpid(child, 0)
+    raise SystemExit(0 if os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9 else 3)
+
+
+def shm_recycles_slots(path: str, names: int) -> None:
+    """A client with 4 slots uses many scope names, then gets stuck under the last one."""
+    import time
+
+    hangwatch.configure(hangwatch.SharedMemoryTimerClient(path, slots=4))
+    for i in range(names):
+        with hangwatch.expires(after=60, scope=f"step-{i}"):
+            pass
+    with hangwatch.expires(after=0.3, scope="last"):
+        time.sleep(60)
+
+
+def shm_policy_per_block(path: str) -> None:
+    """A block asks for TERM,0.2,KILL and ignores SIGTERM."""
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    client = hangwatch.SharedMemoryTimerClient(path)
+    with hangwatch.expires(
+        after=0.2, scope="p", client=client, reap_policy=hangwatch.ReapPolicy.parse("TERM,0.2,KILL")
+    ):
+        time.sleep(60)
+
+
+def shm_server_gone(path: str, conn: Any) -> None:
+    """Reports how blocks behave while the server stops, and after a new one starts on the same path."""
+    import time
+
+    client = hangwatch.SharedMemoryTimerClient(path)
+    hangwatch.configure(client)
+    with hangwatch.expires(after=60, scope="ok"):
+        pass
+    conn.send("registered")
+    conn.recv()  # the server was stopped
+    t0 = time.monotonic()
+    try:
+        with hangwatch.expires(after=60, scope="ok"):
+            pass
+        conn.send(("no error", time.monotonic() - t0))
+    except hangwatch.ServerUnavailableError as exc:
+        conn.send(("error", time.monotonic() - t0, str(exc)))
+    conn.recv()  # a new server listens on the path
+    with hangwatch.expires(after=0.3, scope="after-restart"):
+        time.sleep(60)

@@ -161,7 +161,11 @@ def write(path: Path, body: str) -> Path:
 
 
 class TestLauncher:
-    def test_script_end_to_end(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize(
+        "timer, client",
+        [("auto", "SharedMemoryTimerClient"), ("shm", "SharedMemoryTimerClient"), ("fifo", "FileTimerClient")],
+    )
+    def test_script_end_to_end(self, tmp_path: Path, timer: str, client: str) -> None:
         """`hangwatch run --nproc-per-node 2 train.py x`: rank-prefixed output, torchrun's environment, exit 0."""
         script = write(
             tmp_path / "train.py",
@@ -175,13 +179,16 @@ class TestLauncher:
             """,
         )
         done = subprocess.run(
-            [*HANGWATCH, "run", "--nproc-per-node", "2", str(script), "x"], capture_output=True, text=True, timeout=60
+            [*HANGWATCH, "run", "--timer", timer, "--nproc-per-node", "2", str(script), "x"],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert done.returncode == 0, done.stderr
         lines = sorted(line for line in done.stdout.splitlines() if line.startswith("["))
         assert lines == [
-            "[0] rank 0 of 2 args ['x'] restart 0 FileTimerClient",
-            "[1] rank 1 of 2 args ['x'] restart 0 FileTimerClient",
+            f"[0] rank 0 of 2 args ['x'] restart 0 {client}",
+            f"[1] rank 1 of 2 args ['x'] restart 0 {client}",
         ]
         assert "succeeded after 1 attempt" in done.stderr
 

@@ -29,6 +29,7 @@ from .env import configure_from_env
 from .events import EVENT_NAMES, Event, JsonLinesSink
 from .file import FileTimerClient, FileTimerRequest, FileTimerServer, ServerUnavailableError
 from .local import LocalTimerClient, LocalTimerServer, MultiprocessingRequestQueue
+from .shm import SharedMemoryTimerClient, SharedMemoryTimerServer
 
 # A library does not print unless the application configures logging (then every event shows).
 logging.getLogger("hangwatch").addHandler(logging.NullHandler())
@@ -48,6 +49,8 @@ __all__ = [
     "ReapPolicy",
     "RequestQueue",
     "ServerUnavailableError",
+    "SharedMemoryTimerClient",
+    "SharedMemoryTimerServer",
     "TimerClient",
     "TimerRequest",
     "TimerServer",

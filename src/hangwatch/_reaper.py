@@ -29,6 +29,7 @@ __all__ = [
     "ProcessPin",
     "ReapPolicy",
     "check_policy",
+    "pidfd_identity",
     "pidfd_inode",
     "process_state",
     "processes",
@@ -129,9 +130,16 @@ def pidfd_inode(pid: int) -> int:
     except OSError:
         return -1
     try:
-        inode = os.fstat(fd).st_ino
+        return pidfd_identity(fd, pid)
     finally:
         os.close(fd)
+
+
+def pidfd_identity(fd: int, pid: int) -> int:
+    """The boot-unique inode of ``fd``, a pidfd of process ``pid`` (Linux 6.9+), else -1."""
+    if _PIDFD_INODE_OF_SELF < 0:
+        return -1
+    inode = os.fstat(fd).st_ino
     return inode if inode != _PIDFD_INODE_OF_SELF or pid == os.getpid() else -1
 
 

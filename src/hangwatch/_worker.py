@@ -191,6 +191,8 @@ def parse_identity(info: object) -> WorkerInfo:
     Raises:
         ValueError: the field is malformed (the whole request is then refused).
     """
+    if isinstance(info, WorkerInfo):  # decoded by the transport already (shared memory)
+        return info
     if not isinstance(info, dict):
         raise ValueError(f"the hangwatch field must be an object (got {info!r})")
     start = _int_field(info, "start", 0, math.inf)

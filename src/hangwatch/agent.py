@@ -9,9 +9,10 @@ left), then the group starts again, up to ``max_restarts`` times.
 Workers are either a function (started with ``multiprocessing``, its return value
 reported) or a command (started with ``subprocess``, its output prefixed with its
 rank). Each worker dies with the agent (``PR_SET_PDEATHSIG``). In the zero-setup mode
-(``timer="auto"``, the default) the agent runs a :class:`~hangwatch.FileTimerServer`
-that reaps only its workers, and tells them where it is through the environment
-(``HANGWATCH_TIMER_FILE``, and ``TORCHELASTIC_TIMER_FILE`` as torchrun does), so
+(``timer="auto"``, the default) the agent runs a :class:`~hangwatch.SharedMemoryTimerServer`
+and a :class:`~hangwatch.FileTimerServer` that reap only its workers, and tells them
+where they are through the environment (``HANGWATCH_TIMER_SOCKET``,
+``HANGWATCH_TIMER_FILE``, and ``TORCHELASTIC_TIMER_FILE`` as torchrun does), so
 ``hangwatch.expires`` works in them without set-up.
 """
 
@@ -34,10 +35,12 @@ import uuid
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from ._bootstrap import die_with_parent
+from ._pidserver import PidTimerServer
 from ._reaper import ReapPolicy, check_policy, processes, signal_name
-from .env import ENV_TIMER_FILE, configure_from_env
+from .env import ENV_TIMER_FILE, ENV_TIMER_SOCKET, configure_from_env
 from .events import Event
 from .file import FileTimerServer
+from .shm import SharedMemoryTimerServer
 
 __all__ = ["Attempt", "LocalElasticAgent", "RunResult", "WorkerFailure", "WorkerSpec"]
 
@@ -285,19 +288,25 @@ def _children_of(parent: int) -> Set[int]:
 
 # --------------------------------------------------------------------------- the agent
 
+_TIMER_MODES = ("auto", "fifo", "shm", "off")
+
 
 class LocalElasticAgent:
     """Runs ``spec.local_world_size`` workers; restarts the whole group when one fails or is reaped.
 
     Torch's documented usage works (a user-created ``LocalTimerServer`` whose queue reaches
     the workers through ``spec.args``). With ``timer="auto"`` (the default) the agent also
-    runs its own :class:`~hangwatch.FileTimerServer`, reaping only its workers, and each
-    worker is configured for it before its code runs.
+    runs its own timer servers, reaping only its workers, and each worker is configured
+    for them before its code runs.
 
     Args:
         spec: what to run.
         start_method: ``multiprocessing`` start method for function workers.
-        timer: ``"auto"``: run a timer server for the workers; ``"off"``: none (bring your own).
+        timer: ``"auto"``: run both timer servers for the workers, a
+            :class:`~hangwatch.FileTimerServer` (for torch's clients and torchrun's
+            variables) and a :class:`~hangwatch.SharedMemoryTimerServer` (which
+            :func:`~hangwatch.configure_from_env` prefers); ``"fifo"`` or ``"shm"``: only
+            that one; ``"off"``: none (bring your own).
         reap_policy: the agent's timer server's reap policy.
         stop_grace: when stopping the group, seconds between SIGTERM and SIGKILL.
         run_id: ``TORCHELASTIC_RUN_ID`` (default: a random id).
@@ -336,8 +345,8 @@ class LocalElasticAgent:
             raise TypeError(f"spec must be a hangwatch.agent.WorkerSpec (got {spec!r})")
         if start_method not in mp.get_all_start_methods():
             raise ValueError(f"start_method must be one of {mp.get_all_start_methods()} (got {start_method!r})")
-        if timer not in ("auto", "off"):
-            raise ValueError(f"timer must be 'auto' or 'off' (got {timer!r})")
+        if timer not in _TIMER_MODES:
+            raise ValueError(f"timer must be one of {', '.join(map(repr, _TIMER_MODES))} (got {timer!r})")
         if isinstance(stop_grace, bool) or not isinstance(stop_grace, (int, float)) or not 0 <= stop_grace <= 3600:
             raise ValueError(f"stop_grace must be a number of seconds in [0, 3600] (got {stop_grace!r})")
         self.spec = spec
@@ -358,7 +367,7 @@ class LocalElasticAgent:
         self._wake_r, self._wake_w = -1, -1
         self._reaps: Dict[int, Event] = {}  # pid -> the first signal's event, from the timer server
         self._reaps_lock = threading.Lock()
-        self._server: Optional[FileTimerServer] = None
+        self._servers: List[PidTimerServer] = []
 
     # ------------------------------------------------------------------ public
 
@@ -378,22 +387,14 @@ class LocalElasticAgent:
         try:
             if self._subreaper:
                 _set_child_subreaper()
-            if self._timer == "auto":
+            if self._timer != "off":
                 timer_dir = tempfile.mkdtemp(prefix="hangwatch-")
-                self._server = FileTimerServer(
-                    os.path.join(timer_dir, "timer.fifo"),
-                    self._run_id,
-                    reap_policy=self._reap_policy,
-                    allowed_pids=[],
-                    event_file=self._event_file,
-                    on_event=self._record_event,
-                )
-                self._server.start()
+                self._start_servers(timer_dir)
             return self._run_attempts()
         finally:
-            if self._server is not None:
-                self._server.stop()
-                self._server = None
+            for server in self._servers:
+                server.stop()
+            self._servers = []
             if timer_dir is not None:
                 shutil.rmtree(timer_dir, ignore_errors=True)
             self._restore_signal_handlers(previous)
@@ -439,20 +440,36 @@ class LocalElasticAgent:
                 )
         return RunResult(FAILED, {}, attempts[-1].failures, attempts)
 
+    def _start_servers(self, timer_dir: str) -> None:
+        """The timer servers of this run: the FIFO (torch's clients, torchrun's variables) and shared memory."""
+        common: Dict[str, Any] = {
+            "reap_policy": self._reap_policy,
+            "allowed_pids": [],
+            "event_file": self._event_file,
+            "on_event": self._record_event,
+        }
+        if self._timer in ("auto", "fifo"):
+            self._servers.append(FileTimerServer(os.path.join(timer_dir, "timer.fifo"), self._run_id, **common))
+        if self._timer in ("auto", "shm"):
+            self._servers.append(SharedMemoryTimerServer(os.path.join(timer_dir, "timer.sock"), **common))
+        for server in self._servers:
+            server.start()
+
+    def _allow(self, pids: List[int]) -> None:
+        for server in self._servers:
+            server.set_allowed_pids(pids)
+
     def _run_once(self, number: int, port: int) -> Tuple[Attempt, Dict[int, Any]]:
         started = time.monotonic()
         before = _children_of(os.getpid()) if self._subreaper else set()
         workers = self._start_group(number, port)
         pids = {w.rank: w.pid for w in workers}
-        if self._server is not None:
-            self._server.set_allowed_pids(pids.values())
         outcome, failures = self._monitor(workers)
         values: Dict[int, Any] = {}
         if outcome == SUCCEEDED:
             values = self._collect_results(workers)
         self._stop_group(workers, before)
-        if self._server is not None:
-            self._server.set_allowed_pids([])
+        self._allow([])
         return Attempt(number, pids, outcome, failures, round(time.monotonic() - started, 3)), values
 
     def _monitor(self, workers: List[_Worker]) -> Tuple[str, Dict[int, WorkerFailure]]:
@@ -478,7 +495,7 @@ class LocalElasticAgent:
     def _failure(self, worker: _Worker, code: int) -> WorkerFailure:
         failure = WorkerFailure(worker.rank, worker.pid, code)
         # A reaped worker dies of the server's signal; the server's event may trail its death by a moment.
-        deadline = time.monotonic() + (0.5 if self._server is not None and code < 0 else 0.0)
+        deadline = time.monotonic() + (0.5 if self._servers and code < 0 else 0.0)
         while True:
             with self._reaps_lock:
                 event = self._reaps.get(worker.pid)
@@ -527,10 +544,13 @@ class LocalElasticAgent:
             "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
             "TORCHELASTIC_RUN_ID": self._run_id,
         }
-        if self._server is not None:
-            env[ENV_TIMER_FILE] = self._server.file_path
-            env["TORCHELASTIC_ENABLE_FILE_TIMER"] = "1"
-            env["TORCHELASTIC_TIMER_FILE"] = self._server.file_path
+        for server in self._servers:
+            if isinstance(server, FileTimerServer):
+                env[ENV_TIMER_FILE] = server.file_path
+                env["TORCHELASTIC_ENABLE_FILE_TIMER"] = "1"
+                env["TORCHELASTIC_TIMER_FILE"] = server.file_path
+            elif isinstance(server, SharedMemoryTimerServer):
+                env[ENV_TIMER_SOCKET] = server.socket_path
         return env
 
     def _start_group(self, number: int, port: int) -> List[_Worker]:
@@ -550,9 +570,11 @@ class LocalElasticAgent:
                 sender.close()
                 assert process.pid is not None
                 workers.append(_Worker(rank, process.pid, process, receiver))
+                self._allow([w.pid for w in workers])  # before the worker can send its first request
             else:
                 assert isinstance(entry, str)
                 workers.append(self._start_command(rank, entry, spec.args, env, parent))
+                self._allow([w.pid for w in workers])  # before the worker can send its first request
         return workers
 
     def _start_command(self, rank: int, command: str, args: Sequence[Any], env: Dict[str, str], parent: int) -> _Worker:

@@ -453,6 +453,11 @@ class TimerServer(abc.ABC):
 
 _client_lock = threading.Lock()
 _timer_client: Optional[TimerClient] = None
+# The configured client and its guard caches, when it offers cached guards (SharedMemoryTimerClient).
+_fast_client: Any = None
+_fast_named: Optional[Dict[str, Any]] = None
+_fast_sites: Dict[int, Any] = {}
+_getframe = sys._getframe
 
 
 def configure(timer_client: TimerClient) -> None:
@@ -475,9 +480,14 @@ def configure(timer_client: TimerClient) -> None:
     register = getattr(type(timer_client), "register_dump_handler", None)
     if callable(register):
         register(timer_client)
-    global _timer_client
+    global _timer_client, _fast_client, _fast_named, _fast_sites
     with _client_lock:
         _timer_client = timer_client
+        if getattr(type(timer_client), "_fast_guards", False):
+            _fast_client = timer_client
+            _fast_named, _fast_sites = timer_client._named, timer_client._sites  # type: ignore[attr-defined]
+        else:
+            _fast_client, _fast_named, _fast_sites = None, None, {}
     logger.info("Timer client configured to: %s", type(timer_client).__name__)
 
 
@@ -552,20 +562,24 @@ class _Expiry:
                 exc_info=True,
             )
 
+    def _fresh(self) -> _Expiry:
+        """A context manager for one call of a decorated function."""
+        return _Expiry(self._after, self._scope, self._client, self._policy)
+
     def __call__(self, func: _F) -> _F:
-        after, scope, client, policy = self._after, self._scope, self._client, self._policy
+        fresh = self._fresh
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                with _Expiry(after, scope, client, policy):
+                with fresh():
                     return await func(*args, **kwargs)
 
             return cast(_F, async_wrapper)
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with _Expiry(after, scope, client, policy):
+            with fresh():
                 return func(*args, **kwargs)
 
         return cast(_F, wrapper)
@@ -600,8 +614,26 @@ def expires(
         TypeError: ``reap_policy`` is not a ReapPolicy, or (on entry) the client cannot carry one.
         RuntimeError: on entry, when no client was given or configured.
     """
+    # The shared-memory client's fast path: a cached guard per scope (or call site) whose
+    # enter and exit are a store each, bound to the client configured now.
+    if client is None and reap_policy is None and _fast_named is not None:
+        if scope is None:
+            frame = _getframe(1)
+            guard = _fast_sites.get(frame.f_lasti)
+            if guard is not None and guard._code is frame.f_code and guard._after == after:
+                return guard  # type: ignore[no-any-return]
+            return _fast_client._site_guard(after, frame)  # type: ignore[no-any-return]
+        guard = _fast_named.get(scope)
+        if guard is not None and guard._after == after:
+            return guard  # type: ignore[no-any-return]
+        return _fast_client._named_guard(after, scope)  # type: ignore[no-any-return]
+    if reap_policy is None and getattr(client, "_fast_guards", False):
+        fast: Any = client
+        if scope is None:
+            return fast._site_guard(after, _getframe(1))  # type: ignore[no-any-return]
+        return fast._named_guard(after, scope)  # type: ignore[no-any-return]
     if scope is None:
-        frame = sys._getframe(1)
+        frame = _getframe(1)
         scope = f"{frame.f_code.co_filename}#{frame.f_lineno}"
     if reap_policy is not None:
         from ._reaper import check_policy

@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         "--stop-grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when stopping the group"
     )
     run.add_argument("--events", default=None, metavar="FILE", help="append the timer events to FILE as JSON lines")
+    run.add_argument(
+        "--timer",
+        choices=("auto", "fifo", "shm", "off"),
+        default="auto",
+        help="timer servers for the workers: auto (shared memory + FIFO), fifo, shm, off (default auto)",
+    )
     run.add_argument("-m", "--module", action="store_true", help="run the target as a module (python -m)")
     run.add_argument("--no-python", "--no_python", action="store_true", help="run the target as a command")
     run.add_argument("target", help="the script (or module, or command) to run")
@@ -159,6 +165,7 @@ def _run(spec: WorkerSpec, args: argparse.Namespace, out: TextIO, worker_out: Op
     agent = LocalElasticAgent(
         spec,
         args.start_method,
+        timer=args.timer,
         reap_policy=args.reap_policy,
         stop_grace=args.stop_grace,
         run_id=args.run_id,
@@ -185,7 +192,9 @@ def _demo(out: TextIO) -> int:
         "its 1 s deadline, with the stack where it hung, and the group restart and finish.\n\n"
     )
     out.flush()
-    args = argparse.Namespace(start_method="spawn", reap_policy=None, stop_grace=2.0, run_id="demo", events=None)
+    args = argparse.Namespace(
+        start_method="spawn", reap_policy=None, stop_grace=2.0, run_id="demo", events=None, timer="auto"
+    )
     spec = WorkerSpec(
         local_world_size=4,
         entrypoint=sys.executable,

@@ -1,0 +1,950 @@
+"""The shared-memory pair: a check-in that makes no system call.
+
+Each worker registers once, over a Unix socket where the kernel vouches for its pid
+(``SO_PEERCRED``, and ``SO_PEERPIDFD`` on Linux 6.5+). The server answers with a small
+shared-memory file of its own making (a sealed memfd: the worker can neither shrink
+nor grow it), holding one slot per scope of that worker. Entering an ``expires`` block
+writes the block's deadline into its scope's slot; leaving it writes 0. Both are one
+store to memory: no system call, no lock, no thread, and they are done before the
+block's body runs, so a worker that then hangs holding the GIL is still seen.
+
+The server scans the slots of every worker at least every ``scan_interval`` and at
+each deadline, turns each change into a :class:`~hangwatch.TimerRequest`, and from
+there everything is the other pairs' machinery: the deadline book, pinning, stack
+dumps, reap policies, events. What travels is state, not messages: a block that was
+entered and left between two scans needed no action and is not seen; a block still
+open is always seen, so no timer is lost. A timer whose ``after`` is shorter than the
+scan interval is reaped at most one interval late.
+
+Scope names travel once per scope over the socket (a system call the first time a
+scope is used in a process). The server also writes a heartbeat into each worker's
+file; a worker whose server stopped gets :class:`~hangwatch.ServerUnavailableError`
+when it enters a block, and reconnects by itself if a new server listens on the same
+path (its held timers carried over).
+
+Linux only.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import math
+import mmap
+import os
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+import weakref
+from types import TracebackType
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
+
+from . import api as _api
+from ._pidserver import PidTimerServer
+from ._reaper import ProcessPin, ReapPolicy, check_policy, pidfd_identity
+from ._worker import DEFAULT_DUMP_SIGNAL, WorkerInfo, check_dump_signal, identity, parse_identity
+from .api import RequestQueue, ServerUnavailableError, TimerClient, TimerRequest, _check_interval
+from .events import EventSink
+
+__all__ = ["SharedMemoryTimerClient", "SharedMemoryTimerServer"]
+
+logger = logging.getLogger(__name__)
+
+_monotonic = time.monotonic
+
+# The file: a header of 8 doubles, then the slots. Slot numbers are indexes of the whole
+# file viewed as doubles, so the client's store needs no offset arithmetic.
+_HEADER = 8
+_HEARTBEAT = 0  # the server's monotonic time at its last scan, in the worker's clock; 0: stopped
+_CAPACITY = 1  # how many slots the file holds
+_SLOT_BYTES = 8
+# A worker whose heartbeat is older than this checks its connection before trusting the server.
+_STALE = 1.0
+# While the heartbeat is stale but the connection is alive, how often the connection is checked again.
+_RECHECK = 0.1
+_MAX_SCOPE_BYTES = 4096
+_MAX_MESSAGE = 1 << 16
+_DEFAULT_SLOTS = 65536
+_MAX_SLOTS = 1 << 20
+# The server compares snapshots this many bytes at a time to find the changed slots.
+_CHUNK = 4096
+_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+_LINUX = sys.platform.startswith("linux")
+
+# A memoryview of doubles (typeshed types item assignment of memoryviews as int only).
+_View = Any
+
+
+def _require_linux(what: str) -> None:
+    if not _LINUX or not hasattr(os, "memfd_create"):
+        raise OSError(
+            errno.ENOSYS,
+            f"{what} needs Linux (memfd and Unix-socket credentials); "
+            f"use FileTimerServer/FileTimerClient or LocalTimerServer/LocalTimerClient on {sys.platform}",
+        )
+
+
+# --------------------------------------------------------------------- the client
+
+
+class _Guard(_api._Expiry):
+    """One scope's ``with`` block on a shared-memory client: enter stores the deadline, exit stores 0.
+
+    A guard holds no state of its own between enter and exit, so one guard serves every
+    block of its scope (nested, or in several threads), with torch's semantics: the last
+    acquire wins, the first release releases.
+    """
+
+    __slots__ = ("__weakref__", "_code", "_slot", "_view")
+
+    _client: SharedMemoryTimerClient
+
+    def __init__(self, client: SharedMemoryTimerClient, slot: int, after: float, scope: str, code: Any = None) -> None:
+        super().__init__(after, scope, client)
+        self._slot = slot
+        self._view = client._view  # the client repoints its guards when it (re)registers
+        self._code = code  # the call site's code object, for a default scope
+
+    def __enter__(self, _clock: Callable[[], float] = time.monotonic, _stale: float = _STALE) -> None:
+        now = _clock()
+        view = self._view
+        if now - view[_HEARTBEAT] > _stale:
+            view = self._client._revive(now)
+        view[self._slot] = now + self._after
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self._view[self._slot] = 0.0
+
+    def _fresh(self) -> _api._Expiry:
+        return self  # holds no per-block state: one guard serves every call of a decorated function
+
+    def __repr__(self) -> str:
+        return f"<expires(after={self._after!r}, scope={self._scope!r}) on {self._client!r}>"
+
+
+def _detached_view(slots: int) -> _View:
+    """A private stand-in for the server's file: heartbeat 0, so the next block (re)registers."""
+    return memoryview(mmap.mmap(-1, (_HEADER + slots) * _SLOT_BYTES)).cast("d")
+
+
+_CLIENTS: weakref.WeakSet[SharedMemoryTimerClient] = weakref.WeakSet()
+
+
+class SharedMemoryTimerClient(TimerClient):
+    """Client side of :class:`SharedMemoryTimerServer`: a check-in is a store to shared memory.
+
+    The process registers with the server at :func:`hangwatch.configure`, or at its first
+    block; a forked child registers on its own at its first block (it never writes to its
+    parent's slots). Safe to share between threads.
+
+    With :func:`hangwatch.expires` (client configured, or passed as ``client=``) a block
+    costs two stores and a clock read. :meth:`acquire`/:meth:`release`, torch's
+    interface, work too, at the price of a wall-clock conversion.
+
+    Args:
+        socket_path: the server's socket.
+        dump_signal: the signal on which this worker writes its all-thread stack for the
+            server before a reap (default SIGUSR2); None for no stack dumps.
+        reap_policy: how this worker is reaped (default: the server's policy).
+        slots: how many distinct scopes this process can hold at once (the server may
+            grant fewer); slots of released scopes are recycled beyond that.
+        connect_timeout: how long registering may wait for the server.
+        send_timeout: how long sending a new scope's name may wait for the server.
+
+    Raises:
+        ValueError: a bad argument (the message says which).
+        TypeError: ``reap_policy`` is not a ReapPolicy.
+        OSError: not Linux.
+    """
+
+    accepts_reap_policy = True
+    _fast_guards = True  # hangwatch.expires hands out this client's cached guards
+
+    def __init__(
+        self,
+        socket_path: Union[str, os.PathLike[str]],
+        *,
+        dump_signal: Union[int, None] = DEFAULT_DUMP_SIGNAL,
+        reap_policy: Optional[ReapPolicy] = None,
+        slots: int = _DEFAULT_SLOTS,
+        connect_timeout: float = 1.0,
+        send_timeout: float = 60.0,
+    ) -> None:
+        super().__init__()
+        _require_linux("SharedMemoryTimerClient")
+        if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= _MAX_SLOTS:
+            raise ValueError(f"slots must be an int in [1, {_MAX_SLOTS}] (got {slots!r})")
+        self._path = os.fspath(socket_path)
+        self._dump_signal = check_dump_signal(dump_signal)
+        self._reap_policy = check_policy(reap_policy)
+        self._connect_timeout = _check_interval("connect_timeout", connect_timeout)
+        self._send_timeout = _check_interval("send_timeout", send_timeout)
+        self._want = slots
+        self._lock = threading.RLock()
+        self._pid = -1  # the process registered as self._sock/self._view; -1: none
+        self._sock: Optional[socket.socket] = None
+        self._view: _View = _detached_view(slots)
+        self._capacity = slots
+        self._next = _HEADER  # the next never-used slot
+        self._free: List[int] = []
+        self._names: Dict[str, int] = {}  # scope -> slot
+        self._slot_names: Dict[int, str] = {}
+        self._slot_policy: Dict[int, Optional[ReapPolicy]] = {}
+        self._guards_of: Dict[int, weakref.WeakSet[_Guard]] = {}
+        self._named: Dict[str, _Guard] = {}  # guard cache of named scopes
+        self._sites: Dict[int, _Guard] = {}  # guard cache of default scopes, by instruction offset
+        self._site_index: Dict[Tuple[Any, int], _Guard] = {}  # ... and by (code, offset)
+        self._checked_at = -math.inf
+        _CLIENTS.add(self)
+
+    # ----------------------------------------------------------------- torch's interface
+
+    def register_dump_handler(self) -> None:
+        """Register with the server now, and this process's stack-dump handler: :func:`hangwatch.configure` does.
+
+        If no server answers yet, a warning is logged and the first block registers.
+        """
+        with self._lock:
+            if self._pid != os.getpid():
+                try:
+                    self._register(None)
+                except ServerUnavailableError as exc:
+                    # configure() must not fail because the server starts later: the first block retries.
+                    logger.warning("hangwatch: %s; registering again at the first block", exc)
+
+    def acquire(self, scope_id: str, expiration_time: float, reap_policy: Optional[ReapPolicy] = None) -> None:
+        """Hold timer ``scope_id`` until ``expiration_time`` (``time.time()`` seconds).
+
+        Raises:
+            ServerUnavailableError: the server is gone and none listens on the socket.
+            ValueError: ``expiration_time`` is not finite, or the scope name is too long.
+            TypeError: ``scope_id`` is not a str, or ``reap_policy`` not a ReapPolicy.
+        """
+        if not math.isfinite(expiration_time):
+            raise ValueError(f"expiration_time must be a finite time.time() value (got {expiration_time!r})")
+        policy = check_policy(reap_policy)
+        with self._lock:
+            slot = self._slot_for(scope_id)
+            if self._slot_policy.get(slot) is not policy:
+                self._set_policy(slot, policy)
+            now = _monotonic()
+            view = self._view
+            if now - view[_HEARTBEAT] > _STALE:
+                view = self._revive(now)
+            view[slot] = max(expiration_time - time.time() + _monotonic(), 1e-9)
+
+    def release(self, scope_id: str) -> None:
+        """Release timer ``scope_id`` (nothing happens if it is not held)."""
+        slot = self._names.get(scope_id)
+        if slot is not None:
+            self._view[slot] = 0.0
+
+    def close(self) -> None:
+        """Leave the server: held timers stay with it until this process exits; the next block registers again."""
+        with self._lock:
+            sock, self._sock = self._sock, None
+            self._pid = -1
+            self._repoint(_detached_view(self._capacity))
+            if sock is not None:
+                sock.close()
+
+    @property
+    def socket_path(self) -> str:
+        """The server's socket."""
+        return self._path
+
+    def __repr__(self) -> str:
+        return f"SharedMemoryTimerClient({self._path!r})"
+
+    # ----------------------------------------------------------------- guards (the fast path of expires)
+
+    def _named_guard(self, after: float, scope: str) -> _Guard:
+        """A guard for ``scope`` (validated and cached); called by :func:`hangwatch.expires`."""
+        value = _api._check_after(after)
+        with self._lock:
+            guard = self._new_guard(scope, value, None)
+            if len(self._named) >= 4 * self._capacity:
+                self._named.clear()
+            self._named[scope] = guard
+        return guard
+
+    def _site_guard(self, after: float, frame: Any) -> _Guard:
+        """A guard for the default scope of the call site ``frame`` is at; called by :func:`hangwatch.expires`.
+
+        The cache is keyed by the instruction offset alone (cheap to hash), and each guard
+        checks its code object; two sites at the same offset share a cache entry, slower but right.
+        """
+        value = _api._check_after(after)
+        code, lasti = frame.f_code, frame.f_lasti
+        with self._lock:
+            guard = self._site_index.get((code, lasti))
+            if guard is None or guard._after != value:
+                guard = self._new_guard(f"{code.co_filename}#{frame.f_lineno}", value, code)
+                if len(self._site_index) >= 4 * self._capacity:
+                    self._site_index.clear()
+                    self._sites.clear()
+                self._site_index[(code, lasti)] = guard
+            self._sites[lasti] = guard
+        return guard
+
+    def _new_guard(self, scope: str, after: float, code: Any) -> _Guard:
+        guard = _Guard(self, self._slot_for(scope), after, scope, code)
+        self._guards_of[guard._slot].add(guard)
+        return guard
+
+    def _repoint(self, view: _View) -> None:
+        """Make ``view`` this process's file, for the client and every guard (holds the lock, or after fork)."""
+        self._view = view
+        for guards in self._guards_of.values():
+            for guard in guards:
+                guard._view = view
+
+    # ----------------------------------------------------------------- slots and names
+
+    def _slot_for(self, scope: str) -> int:
+        """The slot of ``scope``, bound (and announced to the server) on first use. Holds the lock."""
+        slot = self._names.get(scope)
+        if slot is not None:
+            return slot
+        if not isinstance(scope, str):
+            raise TypeError(f"scope_id must be a str (got {scope!r})")
+        if len(scope.encode("utf-8", "surrogatepass")) > _MAX_SCOPE_BYTES:
+            raise ValueError(f"scope_id must be at most {_MAX_SCOPE_BYTES} bytes in UTF-8 (got {len(scope)} chars)")
+        if not self._free and self._next >= _HEADER + self._capacity:
+            self._recycle()
+        if self._free:
+            slot = self._free.pop()
+            old = self._slot_names.pop(slot, None)
+            if old is not None:
+                del self._names[old]
+        else:
+            slot = self._next
+            self._next += 1
+        self._names[scope] = slot
+        self._slot_names[slot] = scope
+        self._slot_policy[slot] = None
+        self._guards_of[slot] = weakref.WeakSet()
+        if self._pid == os.getpid() and self._sock is not None:
+            self._send({"bind": [[slot, scope]]}, quiet=True)
+        return slot
+
+    def _recycle(self) -> None:
+        """Free the slots of released scopes that no guard can still write (every slot is bound)."""
+        view = self._view
+        candidates = {s for s in self._slot_names if view[s] == 0.0}
+        caches: Tuple[Dict[Any, _Guard], ...] = (self._named, self._sites, self._site_index)
+        for cache in caches:
+            for key in [k for k, g in cache.items() if g._slot in candidates]:
+                del cache[key]
+        self._free = sorted((s for s in candidates if not self._guards_of.get(s)), reverse=True)
+        if not self._free:
+            raise RuntimeError(
+                f"this process holds {self._capacity} timers at once, the most its shared-memory file allows; "
+                f"pass a larger slots= to SharedMemoryTimerClient (the server's max_slots caps it)"
+            )
+
+    def _set_policy(self, slot: int, policy: Optional[ReapPolicy]) -> None:
+        self._slot_policy[slot] = policy
+        if self._pid == os.getpid() and self._sock is not None:
+            self._send({"policy": [[slot, None if policy is None else policy.to_wire()]]}, quiet=True)
+
+    # ----------------------------------------------------------------- registration
+
+    def _revive(self, now: float) -> _View:
+        """The heartbeat is stale or zero: register, reconnect, or say the server is gone; return the view."""
+        with self._lock:
+            view = self._view
+            if self._pid != os.getpid():
+                return self._register(None)
+            if view[_HEARTBEAT] != 0.0:
+                # A slow server, not a gone one, while the connection stands: trust it, check again later.
+                if now - self._checked_at < _RECHECK:
+                    return view
+                if self._connected():
+                    self._checked_at = now
+                    return view
+            return self._register(view)
+
+    def _connected(self) -> bool:
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    def _register(self, carry: Optional[_View]) -> _View:
+        """Connect, say hello, map the server's file; re-announce every scope; carry held timers over."""
+        old, self._sock = self._sock, None
+        if old is not None and self._pid == os.getpid():
+            old.close()
+        self._pid = -1
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(self._connect_timeout)
+            try:
+                sock.connect(self._path)
+            except OSError as exc:
+                raise ServerUnavailableError(
+                    f"no SharedMemoryTimerServer listens on {self._path} ({exc.strerror or exc}); "
+                    f"start the server first, or check the path"
+                ) from exc
+            hello = {"v": 1, "slots": self._want, "mono": _monotonic()}
+            hello.update(identity(self._dump_signal, self._reap_policy, server_policy=True))
+            sock.sendall(json.dumps(hello).encode())
+            try:
+                data, ancdata, _flags, _addr = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(struct.calcsize("i")))
+            except OSError as exc:
+                raise ServerUnavailableError(f"the server on {self._path} did not answer ({exc})") from exc
+            fds = [
+                fd
+                for level, kind, payload in ancdata
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                for fd in struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4])
+            ]
+            view = self._map(data, fds)
+            sock.settimeout(self._send_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._pid = os.getpid()
+        binds = [[slot, name] for slot, name in self._slot_names.items() if slot < _HEADER + self._capacity]
+        for start in range(0, len(binds), 64):
+            self._send({"bind": binds[start : start + 64]}, quiet=False)
+        policies = [[s, p.to_wire()] for s, p in self._slot_policy.items() if p is not None]
+        if policies:
+            self._send({"policy": policies}, quiet=False)
+        if carry is not None:
+            for slot in self._slot_names:
+                if slot < len(view) and slot < len(carry) and carry[slot] != 0.0:
+                    view[slot] = carry[slot]
+        self._checked_at = -math.inf
+        self._repoint(view)
+        return view
+
+    def _map(self, data: bytes, fds: List[int]) -> _View:
+        try:
+            try:
+                reply = json.loads(data)
+            except ValueError as exc:
+                raise ServerUnavailableError(f"the server on {self._path} answered {data[:200]!r}") from exc
+            if not isinstance(reply, dict) or "error" in reply or len(fds) != 1:
+                reason = reply.get("error") if isinstance(reply, dict) else reply
+                raise ServerUnavailableError(f"the server on {self._path} refused this worker: {reason}")
+            capacity = reply.get("slots")
+            size = os.fstat(fds[0]).st_size
+            if not isinstance(capacity, int) or not capacity >= 1 or (_HEADER + capacity) * _SLOT_BYTES > size:
+                raise ServerUnavailableError(f"the server on {self._path} sent a bad file ({reply!r}, {size} bytes)")
+            view = memoryview(mmap.mmap(fds[0], (_HEADER + capacity) * _SLOT_BYTES)).cast("d")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if capacity < self._next - _HEADER:
+            view.release()
+            raise ServerUnavailableError(
+                f"the server on {self._path} grants {capacity} slots, fewer than the {self._next - _HEADER} "
+                f"scopes this process already uses; raise the server's max_slots"
+            )
+        self._capacity = capacity
+        return view
+
+    def _send(self, message: Dict[str, Any], *, quiet: bool) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sock.send(json.dumps(message).encode())
+        except OSError as exc:
+            if not quiet:
+                raise ServerUnavailableError(f"the server on {self._path} went away ({exc})") from exc
+            # The server is gone: the next block notices (heartbeat) and re-announces every scope.
+            logger.debug("hangwatch: could not announce a scope to %s: %s", self._path, exc)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: forget the parent's registration; the child's first block makes its own."""
+        self._lock = threading.RLock()
+        sock, self._sock = self._sock, None
+        self._pid = -1
+        self._repoint(_detached_view(self._capacity))
+        if sock is not None:
+            os.close(sock.detach())  # the child's copy of the parent's connection; the parent's stays open
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_CLIENTS):
+        client._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# --------------------------------------------------------------------- the server
+
+
+class _SlotRequest(TimerRequest):
+    """A timer request read from a worker's slot, with the worker's identity attached."""
+
+    __slots__ = ("hangwatch",)
+
+    def __init__(self, worker_id: int, scope_id: str, expiration_time: float, info: WorkerInfo) -> None:
+        super().__init__(worker_id, scope_id, expiration_time)
+        self.hangwatch = info
+
+
+class _Region:
+    """One registered worker: its connection, its file, and what the server last saw in it."""
+
+    __slots__ = (
+        "capacity",
+        "info",
+        "infos",
+        "mm",
+        "names",
+        "offset",
+        "pid",
+        "snap",
+        "sock",
+        "used",
+        "view",
+    )
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.mm: Optional[mmap.mmap] = None
+        self.view: Optional[_View] = None
+        self.capacity = 0
+        self.used = 0  # slots scanned: every slot up to the highest bound one
+        self.snap = b""
+        self.names: Dict[int, str] = {}
+        self.info: Optional[WorkerInfo] = None
+        self.infos: Dict[int, WorkerInfo] = {}  # slot -> identity with that slot's own policy
+        self.offset = 0.0  # server monotonic - worker monotonic (non-zero across time namespaces)
+
+    def close(self) -> None:
+        view, self.view = self.view, None
+        if view is not None:
+            try:
+                view[_HEARTBEAT] = 0.0  # the worker's next block learns the server is gone
+            except (ValueError, IndexError):
+                pass
+            view.release()
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+        self.sock.close()
+
+
+class _SlotQueue(RequestQueue):
+    """The transport: registrations over the socket, requests read from the workers' slots."""
+
+    def __init__(self, server: SharedMemoryTimerServer, listener: socket.socket, max_slots: int) -> None:
+        self._server = server
+        self._listener = listener
+        self._max_slots = max_slots
+        self._regions: Dict[int, _Region] = {}  # connection fd -> region
+        self._pending: List[TimerRequest] = []
+        self._accept_ready = True
+
+    def fileno(self) -> int:
+        return self._listener.fileno()
+
+    def size(self) -> int:
+        return 1
+
+    def get(self, size: int, timeout: float) -> List[TimerRequest]:
+        if self._accept_ready:
+            self._accept()
+        self._scan()
+        out, self._pending = self._pending, []
+        return out
+
+    @property
+    def workers(self) -> int:
+        return sum(1 for r in self._regions.values() if r.view is not None)
+
+    # ----------------------------------------------------------------- registration
+
+    def _accept(self) -> None:
+        self._accept_ready = False
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.error("hangwatch: accept() on %s failed: %s", self._server.socket_path, exc)
+                return
+            sock.setblocking(False)
+            pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            region = _Region(sock, pid)
+            if uid not in (os.geteuid(), 0):  # the socket's mode already keeps others out
+                self._refuse(region, f"uid {uid} is not this server's user")
+                continue
+            # allowed_pids is applied when a timer arrives (as on the other transports): a worker's
+            # own subprocess may register, its timers are refused with an event, and it keeps running.
+            fd = sock.fileno()
+            self._regions[fd] = region
+            self._server._watch_fd(fd, functools.partial(self._readable, fd))
+
+    def _refuse(self, region: _Region, reason: str) -> None:
+        self._server._events.emit("bad request", worker=region.pid, reason=f"registration refused: {reason}")
+        try:
+            region.sock.send(json.dumps({"error": reason}).encode())
+        except OSError:
+            pass
+        region.sock.close()
+
+    def _drop(self, fd: int) -> None:
+        region = self._regions.pop(fd, None)
+        if region is not None:
+            self._server._unwatch_fd(fd)
+            region.close()
+
+    def _readable(self, fd: int) -> None:
+        region = self._regions.get(fd)
+        if region is not None:
+            self._drain(region)
+
+    def _drain(self, region: _Region) -> None:
+        """Read the worker's messages: its hello, then scope names and policies; drop it at end-of-file."""
+        fd = region.sock.fileno()
+        while True:
+            try:
+                data = region.sock.recv(_MAX_MESSAGE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._drop(fd)
+                return
+            try:
+                message = json.loads(data)
+                if not isinstance(message, dict):
+                    raise ValueError("a message must be a JSON object")
+                if region.view is None:
+                    self._hello(region, message)
+                else:
+                    self._apply(region, message)
+            except (ValueError, TypeError, KeyError, OSError) as exc:
+                self._server._events.emit(
+                    "bad request",
+                    worker=region.pid,
+                    reason=f"{exc}; the worker is disconnected",
+                    line=data[:200].decode("utf-8", "replace"),
+                )
+                if region.view is None:
+                    self._regions.pop(fd, None)
+                    self._server._unwatch_fd(fd)
+                    self._refuse(region, str(exc))
+                else:
+                    self._drop(fd)
+                return
+
+    def _hello(self, region: _Region, hello: Dict[str, Any]) -> None:
+        if hello.get("v") != 1:
+            raise ValueError(f"unknown protocol version {hello.get('v')!r} (this server speaks 1)")
+        want = hello.get("slots")
+        mono = hello.get("mono")
+        if isinstance(want, bool) or not isinstance(want, int) or want < 1:
+            raise ValueError(f"slots must be an int >= 1 (got {want!r})")
+        if isinstance(mono, bool) or not isinstance(mono, (int, float)) or not math.isfinite(mono):
+            raise ValueError(f"mono must be a finite number (got {mono!r})")
+        claimed = parse_identity(
+            {k: hello[k] for k in ("start", "pidfd_ino", "dump_signal", "dump_fd", "reap") if k in hello}
+        )
+        inode = self._peer_identity(region)
+        region.info = claimed._replace(pidfd_ino=inode) if inode is not None else claimed
+        offset = _monotonic() - float(mono)
+        region.offset = offset if abs(offset) > 1.0 else 0.0  # only a time namespace makes it large
+        capacity = min(want, self._max_slots)
+        size = (_HEADER + capacity) * _SLOT_BYTES
+        memfd = os.memfd_create("hangwatch-slots", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(memfd, size)
+            import fcntl
+
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            region.mm = mmap.mmap(memfd, size)
+            view = memoryview(region.mm).cast("d")
+            view[_CAPACITY] = float(capacity)
+            view[_HEARTBEAT] = _monotonic() - region.offset
+            region.sock.sendmsg(
+                [json.dumps({"ok": True, "slots": capacity}).encode()],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", memfd))],
+            )
+        finally:
+            os.close(memfd)
+        region.capacity = capacity
+        region.view = view
+
+    @staticmethod
+    def _peer_identity(region: _Region) -> Optional[int]:
+        """The worker's pidfd inode as the kernel reports it (SO_PEERPIDFD, Linux 6.5+), or None."""
+        try:
+            pidfd = region.sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+        except OSError:
+            return None
+        try:
+            inode = pidfd_identity(pidfd, region.pid)
+        finally:
+            os.close(pidfd)
+        return inode if inode >= 0 else None
+
+    def _apply(self, region: _Region, message: Dict[str, Any]) -> None:
+        for slot, name in message.get("bind", ()):
+            self._check_slot(region, slot)
+            if not isinstance(name, str) or len(name) > _MAX_SCOPE_BYTES:
+                raise ValueError(f"a scope name must be a str of at most {_MAX_SCOPE_BYTES} chars (got {name!r:.80})")
+            old = region.names.get(slot)
+            used = slot - _HEADER + 1
+            if used > region.used:
+                region.snap += bytes((used - region.used) * _SLOT_BYTES)
+                region.used = used
+            elif old is not None and old != name:
+                # A recycled slot (released by the worker): forget what was seen under the old name.
+                at = (slot - _HEADER) * _SLOT_BYTES
+                if region.snap[at : at + _SLOT_BYTES] != bytes(_SLOT_BYTES):
+                    self._pending.append(TimerRequest(region.pid, old, -1))
+                    region.snap = region.snap[:at] + bytes(_SLOT_BYTES) + region.snap[at + _SLOT_BYTES :]
+            region.names[slot] = name
+            region.infos.pop(slot, None)
+        for slot, wire in message.get("policy", ()):
+            self._check_slot(region, slot)
+            assert region.info is not None
+            if wire is None:  # back to the client's own policy
+                region.infos.pop(slot, None)
+            else:
+                region.infos[slot] = region.info._replace(policy=ReapPolicy.from_wire(wire))
+
+    @staticmethod
+    def _check_slot(region: _Region, slot: Any) -> None:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not _HEADER <= slot < _HEADER + region.capacity:
+            raise ValueError(f"slot must be an int in [{_HEADER}, {_HEADER + region.capacity}) (got {slot!r})")
+
+    # ----------------------------------------------------------------- scanning
+
+    def _scan(self) -> None:
+        now = _monotonic()
+        for fd, region in list(self._regions.items()):
+            mm = region.mm
+            if mm is None or region.view is None:
+                continue
+            end = (_HEADER + region.used) * _SLOT_BYTES
+            snap = mm[_HEADER * _SLOT_BYTES : end]
+            if snap != region.snap:
+                self._drain(region)  # names travel before the stores that use them
+                if fd not in self._regions:
+                    continue
+                if (_HEADER + region.used) * _SLOT_BYTES != end:
+                    snap = mm[_HEADER * _SLOT_BYTES : (_HEADER + region.used) * _SLOT_BYTES]
+                self._changes(region, region.snap, snap, now)
+                region.snap = snap
+            region.view[_HEARTBEAT] = now - region.offset
+
+    def _changes(self, region: _Region, old: bytes, new: bytes, now: float) -> None:
+        to_wall = time.time() - now + region.offset
+        pending = self._pending
+        assert region.info is not None
+        for base in range(0, len(new), _CHUNK):
+            chunk = new[base : base + _CHUNK]
+            if chunk == old[base : base + _CHUNK]:
+                continue
+            before = old[base : base + _CHUNK]
+            for j in range(0, len(chunk), _SLOT_BYTES):
+                if chunk[j : j + _SLOT_BYTES] == before[j : j + _SLOT_BYTES]:
+                    continue
+                slot = _HEADER + (base + j) // _SLOT_BYTES
+                (value,) = struct.unpack_from("d", chunk, j)
+                name = region.names.get(slot)
+                if name is None:
+                    if value != 0.0:
+                        self._server._events.emit(
+                            "bad request", worker=region.pid, reason=f"slot {slot} written before it was named"
+                        )
+                    continue
+                if value <= 0.0:
+                    if struct.unpack_from("d", before, j)[0] > 0.0:
+                        pending.append(TimerRequest(region.pid, name, -1))
+                elif math.isfinite(value):
+                    info = region.infos.get(slot, region.info)
+                    pending.append(_SlotRequest(region.pid, name, value + to_wall, info))
+                else:
+                    self._server._events.emit(
+                        "bad request", worker=region.pid, scope=name, reason=f"deadline {value!r} is not finite"
+                    )
+
+    def close(self) -> None:
+        for fd in list(self._regions):
+            self._drop(fd)
+        self._listener.close()
+
+
+class SharedMemoryTimerServer(PidTimerServer):
+    """Server side of :class:`SharedMemoryTimerClient`: watches its workers' slots in shared memory.
+
+    The socket is created at once (mode 0600: only this user can register); a worker
+    registering before :meth:`start` waits for it up to its ``connect_timeout``. The socket
+    is removed by :meth:`stop`. A stale socket at the
+    path is replaced; a live server's socket, or any other file, is an error.
+
+    Args:
+        socket_path: where to create the Unix socket.
+        max_interval: the longest one wait of the watchdog, in seconds.
+        daemon: whether the watchdog thread is a daemon thread.
+        log_event: optional ``log_event(name, request)`` callback, with torch's event names.
+        scan_interval: how often the slots are read, in seconds; a timer shorter than this is
+            reaped at most this late (default 5 ms).
+        max_slots: the most slots (distinct scopes held at once) one worker may get.
+        reap_policy: how workers are reaped unless their client chose a policy
+            (default: stack dump if registered, then SIGKILL).
+        allowed_pids: if given, only these pids are ever signalled (see ``set_allowed_pids``).
+        event_file: append every event to this file as JSON lines.
+        on_event: called with every :class:`~hangwatch.Event`.
+        pin: how a worker is pinned and signalled (tests pass a recorder).
+
+    Raises:
+        FileExistsError: a live server or another kind of file is at ``socket_path``.
+        ValueError: an interval is not a finite number > 0, or ``max_slots`` is out of range.
+        OSError: not Linux, or the socket cannot be created.
+    """
+
+    def __init__(
+        self,
+        socket_path: Union[str, os.PathLike[str]],
+        max_interval: float = 10,
+        daemon: bool = True,
+        log_event: Optional[Callable[[str, Any], None]] = None,
+        *,
+        scan_interval: float = 0.005,
+        max_slots: int = _MAX_SLOTS,
+        reap_policy: Optional[ReapPolicy] = None,
+        allowed_pids: Optional[Iterable[int]] = None,
+        event_file: Union[str, os.PathLike[str], None] = None,
+        on_event: Optional[EventSink] = None,
+        pin: Callable[[int], ProcessPin] = ProcessPin,
+    ) -> None:
+        _require_linux("SharedMemoryTimerServer")
+        self._scan_interval = _check_interval("scan_interval", scan_interval)
+        if isinstance(max_slots, bool) or not isinstance(max_slots, int) or not 1 <= max_slots <= _MAX_SLOTS:
+            raise ValueError(f"max_slots must be an int in [1, {_MAX_SLOTS}] (got {max_slots!r})")
+        self._path = os.fspath(socket_path)
+        listener, self._sock_id = _listen(self._path)
+        self._slots = _SlotQueue(self, listener, max_slots)
+        try:
+            super().__init__(
+                self._slots,
+                max_interval,
+                daemon,
+                log_event,
+                reap_policy=reap_policy,
+                allowed_pids=allowed_pids,
+                event_file=event_file,
+                on_event=on_event,
+                pin=pin,
+            )
+        except BaseException:
+            self._remove_socket()
+            raise
+        self._closed = False
+
+    @property
+    def socket_path(self) -> str:
+        """The Unix socket workers register on."""
+        return self._path
+
+    @property
+    def registered_workers(self) -> int:
+        """How many worker processes are registered now."""
+        return self._slots.workers
+
+    def start(self) -> None:
+        """Start the watchdog thread and return at once.
+
+        Raises:
+            RuntimeError: the server is running, or was stopped (create a new one).
+        """
+        if self._closed:
+            raise RuntimeError(f"this SharedMemoryTimerServer was stopped and {self._path} removed; create a new one")
+        super().start()
+
+    def _wait_timeout(self) -> float:
+        timeout = super()._wait_timeout()
+        return min(timeout, self._scan_interval) if self._slots._regions else timeout
+
+    def _wait(self, timeout: float) -> bool:
+        if super()._wait(timeout):
+            self._slots._accept_ready = True
+        return True  # every round reads the slots
+
+    def _on_stopped(self) -> None:
+        self._closed = True
+        self.close_pins()
+        self._slots.close()
+        self._remove_socket()
+        super()._on_stopped()
+
+    def _remove_socket(self) -> None:
+        try:
+            st = os.lstat(self._path)
+            if (st.st_dev, st.st_ino) == self._sock_id:
+                os.unlink(self._path)
+        except FileNotFoundError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"SharedMemoryTimerServer({self._path!r})"
+
+
+def _listen(path: str) -> Tuple[socket.socket, Tuple[int, int]]:
+    """Bind a listening SEQPACKET socket at ``path`` (mode 0600), replacing a stale one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(
+                errno.EEXIST,
+                f"{path} exists and is not a socket; refusing to replace it: remove it or choose another path",
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            probe.settimeout(0.5)
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: left by a server that died
+        else:
+            raise FileExistsError(errno.EEXIST, f"a timer server is already listening on {path}")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    except BaseException:
+        listener.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    listener.listen(128)
+    listener.setblocking(False)
+    st = os.lstat(path)
+    return listener, (st.st_dev, st.st_ino)
