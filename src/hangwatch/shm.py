@@ -73,6 +73,8 @@ _DEFAULT_SLOTS = 65536
 _MAX_SLOTS = 1 << 20
 # The server compares snapshots this many bytes at a time to find the changed slots.
 _CHUNK = 4096
+# The longest a worker's slots go unread (it also keeps the heartbeat fresh, well within _STALE).
+_MAX_SCAN = 0.25
 _SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 _LINUX = sys.platform.startswith("linux")
 
@@ -205,6 +207,7 @@ class SharedMemoryTimerClient(TimerClient):
         self._sites: Dict[int, _Guard] = {}  # guard cache of default scopes, by instruction offset
         self._site_index: Dict[Tuple[Any, int], _Guard] = {}  # ... and by (code, offset)
         self._checked_at = -math.inf
+        self._min_after = math.inf  # the shortest timeout used: the server scans our slots often enough for it
         _CLIENTS.add(self)
 
     # ----------------------------------------------------------------- torch's interface
@@ -235,6 +238,7 @@ class SharedMemoryTimerClient(TimerClient):
         policy = check_policy(reap_policy)
         with self._lock:
             slot = self._slot_for(scope_id)
+            self._note_after(max(0.0, expiration_time - time.time()))
             if self._slot_policy.get(slot) is not policy:
                 self._set_policy(slot, policy)
             now = _monotonic()
@@ -298,6 +302,7 @@ class SharedMemoryTimerClient(TimerClient):
         return guard
 
     def _new_guard(self, scope: str, after: float, code: Any) -> _Guard:
+        self._note_after(after)
         guard = _Guard(self, self._slot_for(scope), after, scope, code)
         self._guards_of[guard._slot].add(guard)
         return guard
@@ -353,6 +358,13 @@ class SharedMemoryTimerClient(TimerClient):
                 f"pass a larger slots= to SharedMemoryTimerClient (the server's max_slots caps it)"
             )
 
+    def _note_after(self, after: float) -> None:
+        """A shorter timeout than any before: tell the server, which scans our slots at least twice per timeout."""
+        if after < self._min_after:
+            self._min_after = after
+            if self._pid == os.getpid() and self._sock is not None:
+                self._send({"after": after}, quiet=True)
+
     def _set_policy(self, slot: int, policy: Optional[ReapPolicy]) -> None:
         self._slot_policy[slot] = policy
         if self._pid == os.getpid() and self._sock is not None:
@@ -402,7 +414,9 @@ class SharedMemoryTimerClient(TimerClient):
                     f"no SharedMemoryTimerServer listens on {self._path} ({exc.strerror or exc}); "
                     f"start the server first, or check the path"
                 ) from exc
-            hello = {"v": 1, "slots": self._want, "mono": _monotonic()}
+            hello: Dict[str, Any] = {"v": 1, "slots": self._want, "mono": _monotonic()}
+            if self._min_after < math.inf:
+                hello["after"] = self._min_after
             hello.update(identity(self._dump_signal, self._reap_policy, server_policy=True))
             sock.sendall(json.dumps(hello).encode())
             try:
@@ -511,10 +525,12 @@ class _Region:
 
     __slots__ = (
         "capacity",
+        "every",
         "info",
         "infos",
         "mm",
         "names",
+        "next_scan",
         "offset",
         "pid",
         "snap",
@@ -535,6 +551,12 @@ class _Region:
         self.info: Optional[WorkerInfo] = None
         self.infos: Dict[int, WorkerInfo] = {}  # slot -> identity with that slot's own policy
         self.offset = 0.0  # server monotonic - worker monotonic (non-zero across time namespaces)
+        self.every = _MAX_SCAN  # how often the slots are read: half the worker's shortest timeout, bounded
+        self.next_scan = 0.0
+
+    def set_min_after(self, after: float, floor: float) -> None:
+        self.every = min(_MAX_SCAN, max(floor, after / 2))
+        self.next_scan = 0.0  # read now: a block with that timeout may have started
 
     def close(self) -> None:
         view, self.view = self.view, None
@@ -553,8 +575,11 @@ class _Region:
 class _SlotQueue(RequestQueue):
     """The transport: registrations over the socket, requests read from the workers' slots."""
 
-    def __init__(self, server: SharedMemoryTimerServer, listener: socket.socket, max_slots: int) -> None:
+    def __init__(
+        self, server: SharedMemoryTimerServer, listener: socket.socket, max_slots: int, scan_floor: float
+    ) -> None:
         self._server = server
+        self._scan_floor = scan_floor
         self._listener = listener
         self._max_slots = max_slots
         self._regions: Dict[int, _Region] = {}  # connection fd -> region
@@ -671,6 +696,11 @@ class _SlotQueue(RequestQueue):
         )
         inode = self._peer_identity(region)
         region.info = claimed._replace(pidfd_ino=inode) if inode is not None else claimed
+        after = hello.get("after")
+        if after is not None:
+            if isinstance(after, bool) or not isinstance(after, (int, float)) or not after >= 0:
+                raise ValueError(f"after must be a number >= 0 (got {after!r})")
+            region.set_min_after(float(after), self._scan_floor)
         offset = _monotonic() - float(mono)
         region.offset = offset if abs(offset) > 1.0 else 0.0  # only a time namespace makes it large
         capacity = min(want, self._max_slots)
@@ -708,6 +738,11 @@ class _SlotQueue(RequestQueue):
         return inode if inode >= 0 else None
 
     def _apply(self, region: _Region, message: Dict[str, Any]) -> None:
+        after = message.get("after")
+        if after is not None:
+            if isinstance(after, bool) or not isinstance(after, (int, float)) or not after >= 0:
+                raise ValueError(f"after must be a number >= 0 (got {after!r})")
+            region.set_min_after(min(float(after), region.every * 2), self._scan_floor)
         for slot, name in message.get("bind", ()):
             self._check_slot(region, slot)
             if not isinstance(name, str) or len(name) > _MAX_SCOPE_BYTES:
@@ -740,12 +775,29 @@ class _SlotQueue(RequestQueue):
 
     # ----------------------------------------------------------------- scanning
 
-    def _scan(self) -> None:
+    def next_scan_in(self) -> Optional[float]:
+        """Seconds until a worker's slots are due to be read, or None with no worker registered."""
+        due = [r.next_scan for r in self._regions.values() if r.view is not None]
+        return max(0.0, min(due) - _monotonic()) if due else None
+
+    def rescan(self, pids: Iterable[int]) -> List[TimerRequest]:
+        """Read these workers' slots now (before any of them is reaped); return what changed."""
+        wanted = set(pids)
+        self._scan(force=[fd for fd, r in self._regions.items() if r.pid in wanted])
+        out, self._pending = self._pending, []
+        return out
+
+    def _scan(self, force: Optional[List[int]] = None) -> None:
         now = _monotonic()
-        for fd, region in list(self._regions.items()):
+        for fd, region in (
+            list(self._regions.items())
+            if force is None
+            else [(fd, self._regions[fd]) for fd in force if fd in self._regions]
+        ):
             mm = region.mm
-            if mm is None or region.view is None:
+            if mm is None or region.view is None or (force is None and region.next_scan > now):
                 continue
+            region.next_scan = now + region.every
             end = (_HEADER + region.used) * _SLOT_BYTES
             snap = mm[_HEADER * _SLOT_BYTES : end]
             if snap != region.snap:
@@ -809,8 +861,10 @@ class SharedMemoryTimerServer(PidTimerServer):
         max_interval: the longest one wait of the watchdog, in seconds.
         daemon: whether the watchdog thread is a daemon thread.
         log_event: optional ``log_event(name, request)`` callback, with torch's event names.
-        scan_interval: how often the slots are read, in seconds; a timer shorter than this is
-            reaped at most this late (default 5 ms).
+        scan_interval: how often, at most, a worker's slots are read, in seconds. Each
+            worker's slots are read at least twice per its shortest timeout (at most every
+            0.25 s), and again just before any of its timers is taken as expired. A timer
+            shorter than twice this is reaped at most this late (default 5 ms).
         max_slots: the most slots (distinct scopes held at once) one worker may get.
         reap_policy: how workers are reaped unless their client chose a policy
             (default: stack dump if registered, then SIGKILL).
@@ -846,7 +900,7 @@ class SharedMemoryTimerServer(PidTimerServer):
             raise ValueError(f"max_slots must be an int in [1, {_MAX_SLOTS}] (got {max_slots!r})")
         self._path = os.fspath(socket_path)
         listener, self._sock_id = _listen(self._path)
-        self._slots = _SlotQueue(self, listener, max_slots)
+        self._slots = _SlotQueue(self, listener, max_slots, self._scan_interval)
         try:
             super().__init__(
                 self._slots,
@@ -886,7 +940,18 @@ class SharedMemoryTimerServer(PidTimerServer):
 
     def _wait_timeout(self) -> float:
         timeout = super()._wait_timeout()
-        return min(timeout, self._scan_interval) if self._slots._regions else timeout
+        scan = self._slots.next_scan_in()
+        return timeout if scan is None else min(timeout, scan)
+
+    def get_expired_timers(self, deadline: float) -> Dict[Any, List[TimerRequest]]:
+        """The expired timers, after reading their workers' slots again (a release not yet seen counts)."""
+        expired = super().get_expired_timers(deadline)
+        if expired:
+            changes = self._slots.rescan(expired)
+            if changes:
+                self.register_timers(changes)
+                expired = super().get_expired_timers(deadline)
+        return expired
 
     def _wait(self, timeout: float) -> bool:
         if super()._wait(timeout):

@@ -1,0 +1,1 @@
+"""hangwatch benchmark suite: python -m benchmarks (see run.py)."""
