@@ -56,6 +56,7 @@ def _torch() -> Any:
         ttimer = timer_module
     return ttimer
 
+
 ctx = mp.get_context("spawn")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -216,7 +217,7 @@ def pct(values: List[float], q: float) -> Optional[float]:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
 # ------------------------------------------------------------------ 1, 2: cost per block
@@ -226,9 +227,7 @@ def per_block(lib: str, pair: str, blocks: int, default_scope: bool) -> Dict[str
     servers = Servers(lib, pair)
     try:
         parent, child = ctx.Pipe()
-        p = ctx.Process(
-            target=_client_loop, args=(lib, pair, servers.endpoint, blocks, default_scope, None, child)
-        )
+        p = ctx.Process(target=_client_loop, args=(lib, pair, servers.endpoint, blocks, default_scope, None, child))
         p.start()
         elapsed, done, error = parent.recv()
         p.join()
@@ -270,9 +269,7 @@ def drain(lib: str, pair: str, clients: int, blocks: int) -> Dict[str, Any]:
         pipes, procs = [], []
         for _ in range(clients):
             parent, child = ctx.Pipe()
-            p = ctx.Process(
-                target=_client_loop, args=(lib, pair, servers.endpoint, blocks, False, start, child, ready)
-            )
+            p = ctx.Process(target=_client_loop, args=(lib, pair, servers.endpoint, blocks, False, start, child, ready))
             p.start()
             pipes.append(parent)
             procs.append(p)
@@ -385,7 +382,7 @@ def book_round_cost(sizes: List[int]) -> Dict[str, float]:
         rounds = 20_000
         t0 = time.perf_counter()
         now = time.monotonic()
-        for i in range(rounds):
+        for _ in range(rounds):
             book.set(999, "hot", base + 1, None)
             book.remove(999, "hot")
             book.next_deadline()
@@ -428,8 +425,8 @@ def idle_cpu(pair: str, timers: int, seconds: float) -> Dict[str, Any]:
 
 def memory_per_timer(timers: int) -> Dict[str, float]:
     """Bytes the server holds per active timer (tracemalloc), timers of a real (sleeping) worker process."""
-    from hangwatch.shm import _SlotRequest
     from hangwatch._worker import WorkerInfo
+    from hangwatch.shm import _SlotRequest
 
     sleeper = ctx.Process(target=time.sleep, args=(120,))
     sleeper.start()
@@ -439,21 +436,21 @@ def memory_per_timer(timers: int) -> Dict[str, float]:
         assert pid is not None
         for pair in ("shm", "file"):
             d = tempfile.mkdtemp(prefix="hw-bench-")
+            now = time.time() + 3600
             if pair == "shm":
                 server: Any = hangwatch.SharedMemoryTimerServer(os.path.join(d, "m.sock"))
                 info = WorkerInfo(None, None, 0, -1, None)
                 names = [f"held-{i}" for i in range(timers)]  # the names live in the worker's region table
-                make = lambda i, t: _SlotRequest(pid, names[i], t, info)  # noqa: E731
+                make: Callable[[int], Any] = lambda i: _SlotRequest(pid, names[i], now + i, info)  # noqa: E731, B023 (used within this iteration)
             else:
                 server = hangwatch.FileTimerServer(os.path.join(d, "m.fifo"))
-                names = []
-                make = lambda i, t: hangwatch.FileTimerRequest(pid, f"held-{i}", t, 9)  # noqa: E731
-            now = time.time() + 3600
-            server.register_timers([make(0, now)])  # pins the worker outside the measurement
+                make = lambda i: hangwatch.FileTimerRequest(pid, f"held-{i}", now + i, 9)  # noqa: E731, B023 (used within this iteration)
+            server.register_timers([make(0)])  # pins the worker outside the measurement
             gc.collect()
             tracemalloc.start()
             first = tracemalloc.take_snapshot()
-            server.register_timers([make(i, now + i) for i in range(1, timers)])
+            # The requests are made inside the measurement: the server keeps each as its timer's payload.
+            server.register_timers([make(i) for i in range(1, timers)])
             gc.collect()
             second = tracemalloc.take_snapshot()
             tracemalloc.stop()
@@ -461,7 +458,6 @@ def memory_per_timer(timers: int) -> Dict[str, float]:
             out[pair] = grown / (timers - 1)
             server.close_pins()
             server.stop()
-            del names
     finally:
         sleeper.kill()
         sleeper.join()
@@ -635,7 +631,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for pair in ("shm", "local", "file"):
         r = idle_cpu(pair, 1_000, 3.0 if args.quick else 5.0)
         results["idle_cpu"][pair] = r
-        print(f"   idle {pair:<6} server, {r['active_timers']:,} long timers: {r['cpu_percent_of_a_core']:.2f}% of a core")
+        print(
+            f"   idle {pair:<6} server, {r['active_timers']:,} long timers: {r['cpu_percent_of_a_core']:.2f}% of a core"
+        )
     results["bytes_per_timer"] = memory_per_timer(args.scale_timers)
     print(
         "   server memory per active timer: "
