@@ -426,7 +426,7 @@ def idle_cpu(pair: str, timers: int, seconds: float) -> Dict[str, Any]:
 def memory_per_timer(timers: int) -> Dict[str, float]:
     """Bytes the server holds per active timer (tracemalloc), timers of a real (sleeping) worker process."""
     from hangwatch._worker import WorkerInfo
-    from hangwatch.shm import _SlotRequest
+    from hangwatch.local import WorkerRequest
 
     sleeper = ctx.Process(target=time.sleep, args=(120,))
     sleeper.start()
@@ -441,7 +441,7 @@ def memory_per_timer(timers: int) -> Dict[str, float]:
                 server: Any = hangwatch.SharedMemoryTimerServer(os.path.join(d, "m.sock"))
                 info = WorkerInfo(None, None, 0, -1, None)
                 names = [f"held-{i}" for i in range(timers)]  # the names live in the worker's region table
-                make: Callable[[int], Any] = lambda i: _SlotRequest(pid, names[i], now + i, info)  # noqa: E731, B023 (used within this iteration)
+                make: Callable[[int], Any] = lambda i: WorkerRequest(pid, names[i], now + i, info)  # noqa: E731, B023 (used within this iteration)
             else:
                 server = hangwatch.FileTimerServer(os.path.join(d, "m.fifo"))
                 make = lambda i: hangwatch.FileTimerRequest(pid, f"held-{i}", now + i, 9)  # noqa: E731, B023 (used within this iteration)

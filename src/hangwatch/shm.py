@@ -28,6 +28,7 @@ Linux only.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import json
 import logging
@@ -50,6 +51,7 @@ from ._reaper import ProcessPin, ReapPolicy, check_policy, pidfd_identity
 from ._worker import DEFAULT_DUMP_SIGNAL, WorkerInfo, check_dump_signal, identity, parse_identity
 from .api import RequestQueue, ServerUnavailableError, TimerClient, TimerRequest, _check_interval
 from .events import EventSink
+from .local import WorkerRequest
 
 __all__ = ["SharedMemoryTimerClient", "SharedMemoryTimerServer"]
 
@@ -238,14 +240,14 @@ class SharedMemoryTimerClient(TimerClient):
         policy = check_policy(reap_policy)
         with self._lock:
             slot = self._slot_for(scope_id)
-            self._note_after(max(0.0, expiration_time - time.time()))
+            now, after = _monotonic(), expiration_time - time.time()
+            self._note_after(max(0.0, after))
             if self._slot_policy.get(slot) is not policy:
                 self._set_policy(slot, policy)
-            now = _monotonic()
             view = self._view
             if now - view[_HEARTBEAT] > _STALE:
                 view = self._revive(now)
-            view[slot] = max(expiration_time - time.time() + _monotonic(), 1e-9)
+            view[slot] = max(now + after, 1e-9)
 
     def release(self, scope_id: str) -> None:
         """Release timer ``scope_id`` (nothing happens if it is not held)."""
@@ -510,16 +512,6 @@ if hasattr(os, "register_at_fork"):
 # --------------------------------------------------------------------- the server
 
 
-class _SlotRequest(TimerRequest):
-    """A timer request read from a worker's slot, with the worker's identity attached."""
-
-    __slots__ = ("hangwatch",)
-
-    def __init__(self, worker_id: int, scope_id: str, expiration_time: float, info: WorkerInfo) -> None:
-        super().__init__(worker_id, scope_id, expiration_time)
-        self.hangwatch = info
-
-
 class _Region:
     """One registered worker: its connection, its file, and what the server last saw in it."""
 
@@ -708,8 +700,6 @@ class _SlotQueue(RequestQueue):
         memfd = os.memfd_create("hangwatch-slots", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(memfd, size)
-            import fcntl
-
             fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             region.mm = mmap.mmap(memfd, size)
             view = memoryview(region.mm).cast("d")
@@ -783,32 +773,37 @@ class _SlotQueue(RequestQueue):
     def rescan(self, pids: Iterable[int]) -> List[TimerRequest]:
         """Read these workers' slots now (before any of them is reaped); return what changed."""
         wanted = set(pids)
-        self._scan(force=[fd for fd, r in self._regions.items() if r.pid in wanted])
+        now = _monotonic()
+        for fd, region in list(self._regions.items()):
+            if region.pid in wanted:
+                self._read(fd, region, now)
         out, self._pending = self._pending, []
         return out
 
-    def _scan(self, force: Optional[List[int]] = None) -> None:
+    def _scan(self) -> None:
+        """Read the slots of every worker that is due."""
         now = _monotonic()
-        for fd, region in (
-            list(self._regions.items())
-            if force is None
-            else [(fd, self._regions[fd]) for fd in force if fd in self._regions]
-        ):
-            mm = region.mm
-            if mm is None or region.view is None or (force is None and region.next_scan > now):
-                continue
-            region.next_scan = now + region.every
-            end = (_HEADER + region.used) * _SLOT_BYTES
-            snap = mm[_HEADER * _SLOT_BYTES : end]
-            if snap != region.snap:
-                self._drain(region)  # names travel before the stores that use them
-                if fd not in self._regions:
-                    continue
-                if (_HEADER + region.used) * _SLOT_BYTES != end:
-                    snap = mm[_HEADER * _SLOT_BYTES : (_HEADER + region.used) * _SLOT_BYTES]
-                self._changes(region, region.snap, snap, now)
-                region.snap = snap
-            region.view[_HEARTBEAT] = now - region.offset
+        for fd, region in list(self._regions.items()):
+            if region.next_scan <= now:
+                self._read(fd, region, now)
+
+    def _read(self, fd: int, region: _Region, now: float) -> None:
+        """Read one worker's slots: turn what changed into requests; refresh its heartbeat."""
+        mm = region.mm
+        if mm is None or region.view is None:
+            return
+        region.next_scan = now + region.every
+        end = (_HEADER + region.used) * _SLOT_BYTES
+        snap = mm[_HEADER * _SLOT_BYTES : end]
+        if snap != region.snap:
+            self._drain(region)  # names travel before the stores that use them
+            if fd not in self._regions:
+                return
+            if (_HEADER + region.used) * _SLOT_BYTES != end:
+                snap = mm[_HEADER * _SLOT_BYTES : (_HEADER + region.used) * _SLOT_BYTES]
+            self._changes(region, region.snap, snap, now)
+            region.snap = snap
+        region.view[_HEARTBEAT] = now - region.offset
 
     def _changes(self, region: _Region, old: bytes, new: bytes, now: float) -> None:
         to_wall = time.time() - now + region.offset
@@ -836,7 +831,7 @@ class _SlotQueue(RequestQueue):
                         pending.append(TimerRequest(region.pid, name, -1))
                 elif math.isfinite(value):
                     info = region.infos.get(slot, region.info)
-                    pending.append(_SlotRequest(region.pid, name, value + to_wall, info))
+                    pending.append(WorkerRequest(region.pid, name, value + to_wall, info))
                 else:
                     self._server._events.emit(
                         "bad request", worker=region.pid, scope=name, reason=f"deadline {value!r} is not finite"
