@@ -357,3 +357,91 @@ def shm_server_gone(path: str, conn: Any) -> None:
     conn.recv()  # a new server listens on the path
     with hangwatch.expires(after=0.3, scope="after-restart"):
         time.sleep(60)
+
+
+# ----------------------------------------------------------------- reliability (issue 6)
+
+
+def client_for(kind: str, address: Any) -> hangwatch.TimerClient:
+    """A hangwatch client of the transport ``kind`` ("local", "fifo", "shm") for the server at ``address``."""
+    if kind == "local":
+        return hangwatch.LocalTimerClient(address)
+    if kind == "fifo":
+        return hangwatch.FileTimerClient(address)
+    if kind == "shm":
+        return hangwatch.SharedMemoryTimerClient(address)
+    raise ValueError(f"unknown transport {kind!r}")
+
+
+def storm(kind: str, address: Any, threads: int, blocks: int, go: Any, report: Any) -> None:
+    """``threads`` threads each run ``blocks`` nested blocks (a named outer, a default-scope inner) with
+    deadlines that never come; reports (requests sent, errors) on ``report`` (a queue)."""
+    import threading
+
+    hangwatch.configure(client_for(kind, address))
+    errors: list = []
+
+    def run(t: int) -> None:
+        try:
+            for _ in range(blocks):
+                with hangwatch.expires(after=600, scope=f"outer-{t}"):
+                    with hangwatch.expires(after=600):
+                        pass
+        except Exception as exc:  # counted, not raised: the test reports every error
+            errors.append(repr(exc))
+
+    workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    go.wait()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    report.put((threads * blocks * 4, errors))
+
+
+def churn(kind: str, address: Any) -> None:
+    """Runs blocks until killed: nested, long deadlines, some held across a short sleep."""
+    hangwatch.configure(client_for(kind, address))
+    i = 0
+    while True:
+        i += 1
+        with hangwatch.expires(after=600, scope="churn"):
+            with hangwatch.expires(after=600):
+                if i % 97 == 0:
+                    time.sleep(0.001)
+
+
+def survivor(kind: str, address: Any, stop: Any, after: float) -> None:
+    """Runs healthy blocks until ``stop`` is set, then gets stuck in a block of ``after`` seconds."""
+    hangwatch.configure(client_for(kind, address))
+    while not stop.is_set():
+        for _ in range(50):
+            with hangwatch.expires(after=600, scope="healthy"):
+                pass
+    with hangwatch.expires(after=after, scope="stuck"):
+        time.sleep(120)
+
+
+def holds_queue_lock(q: Any, conn: Any) -> None:
+    """Takes the queue's write lock (as a writer killed inside ``put`` would leave it) and waits to be killed."""
+    q._wlock.acquire()
+    conn.send("holding")
+    time.sleep(120)
+
+
+def tears_a_frame(q: Any) -> None:
+    """Writes the start of a long queue message and dies before the rest, as a writer SIGKILLed mid-write."""
+    import os
+    import signal
+    import struct
+
+    os.write(q._writer.fileno(), struct.pack("!i", 5000) + b"\x80\x05" + b"x" * 100)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def releases_then_lingers(kind: str, address: Any, after: float, linger: float) -> None:
+    """Leaves a short block at once, then lingers past its deadline with no timer: only a lost release kills it."""
+    hangwatch.configure(client_for(kind, address))
+    with hangwatch.expires(after=after, scope="short"):
+        pass
+    time.sleep(linger)

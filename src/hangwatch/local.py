@@ -47,8 +47,8 @@ class _QueueWriter:
     worker that acquires a timer and then hangs in C code holding the GIL (a runaway
     regex, a ctypes call) would never send its request, and nothing would reap it. This
     writer pickles and writes the request in the calling thread, in the queue's own
-    message format, under the queue's write lock and semaphore, so the queue stays
-    consistent for every other user. It writes through a non-blocking descriptor of its
+    message format and under its semaphore, so the queue stays consistent for every
+    other user (see :meth:`put_pickled` for its write lock). It writes through a non-blocking descriptor of its
     own for the pipe (opened through /proc, so the queue's descriptor stays blocking for
     everyone else); when the pipe is full it waits for the server to drain it, up to
     ``send_timeout``. Queues of other types (a manager's proxy, a JoinableQueue) use
@@ -93,33 +93,47 @@ class _QueueWriter:
         self.put_pickled(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
 
     def put_pickled(self, data: bytes) -> None:
-        """Send one already pickled object (only when :attr:`direct`)."""
+        """Send one already pickled object (only when :attr:`direct`).
+
+        A message of at most ``PIPE_BUF`` bytes (every request of a hangwatch client with a
+        scope name of reasonable length) is one atomic write and takes no lock: a writer
+        killed at any moment cannot leave the queue's write lock held and block the other
+        writers, as happens to ``multiprocessing.Queue`` users. Longer messages are written
+        under the queue's write lock, as ``Queue.put`` does.
+        """
         q = self._queue
         if q._closed:
             raise ValueError(f"Queue {q!r} is closed")
         message = struct.pack("!i", len(data)) + data  # multiprocessing.Connection's framing
         deadline = time.monotonic() + self._send_timeout
+        fd = self._nonblocking_fd() if len(message) <= select.PIPE_BUF else -1
         if not q._sem.acquire(True, self._send_timeout):
             raise ServerUnavailableError(errno.ETIMEDOUT, "the timer queue stayed full; is the server running?")
         sent = False
         try:
-            wlock = q._wlock
-            if wlock is not None and not wlock.acquire(True, self._send_timeout):
-                raise ServerUnavailableError(errno.ETIMEDOUT, "another writer held the timer queue's lock too long")
-            try:
-                fd = self._nonblocking_fd() if len(message) <= select.PIPE_BUF else -1
-                if fd >= 0:
-                    self._write(fd, message, deadline)
-                else:
-                    self._wait_writable(q._writer.fileno(), deadline)
-                    q._writer.send_bytes(data)
-                sent = True
-            finally:
-                if wlock is not None:
-                    wlock.release()
+            if fd >= 0:
+                self._write(fd, message, deadline)
+            else:
+                self._write_locked(q, data, deadline)
+            sent = True
         finally:
             if not sent:
                 q._sem.release()
+
+    def _write_locked(self, q: Any, data: bytes, deadline: float) -> None:
+        wlock = q._wlock
+        if wlock is not None and not wlock.acquire(True, self._send_timeout):
+            raise ServerUnavailableError(
+                errno.ETIMEDOUT,
+                "another writer held the timer queue's lock too long (a writer killed while writing leaves it "
+                "held for good: use the FIFO or shared-memory pair, or scope names under ~3 KB)",
+            )
+        try:
+            self._wait_writable(q._writer.fileno(), deadline)
+            q._writer.send_bytes(data)
+        finally:
+            if wlock is not None:
+                wlock.release()
 
     def _write(self, fd: int, message: bytes, deadline: float) -> None:
         while True:
@@ -282,6 +296,30 @@ class LocalTimerClient(TimerClient):
         self._writer.put_pickled(data)
 
 
+# No timer request comes near this size: a longer frame is torn or hostile.
+_MAX_FRAME = 1 << 20
+# A writer writes a whole frame at once; one still incomplete after this long lost its writer.
+_TORN_AFTER = 0.2
+
+
+def _next_frame(data: bytes, start: int, keep_tail: bool = True) -> int:
+    """The first offset from ``start`` that can begin a frame: a sane length, then a pickle's PROTO opcode.
+
+    With ``keep_tail``, the last bytes (fewer than a frame's first six) are kept for the
+    next read; without, they are dropped when nothing before them can begin a frame.
+    """
+    end = len(data)
+    i = start
+    while True:
+        j = data.find(b"\x80", i + 4)
+        if j < 0 or j + 1 >= end:
+            return max(start, end - 5) if keep_tail else end
+        (n,) = struct.unpack_from("!i", data, j - 4)
+        if 2 <= data[j + 1] <= pickle.HIGHEST_PROTOCOL and 2 < n <= _MAX_FRAME:
+            return j - 4
+        i = j - 3
+
+
 class _Unreadable:
     """Stands in for a queue message that could not be unpickled; the server refuses it as a bad request."""
 
@@ -320,6 +358,7 @@ class MultiprocessingRequestQueue(RequestQueue):
             except OSError:
                 self._fd = -1
         self._buffer = b""
+        self._partial_since: Optional[float] = None  # since when the frame at the buffer's head is incomplete
         self._ready: Deque[Any] = deque()
 
     def size(self) -> int:
@@ -333,6 +372,8 @@ class MultiprocessingRequestQueue(RequestQueue):
         """Up to ``size`` requests, waiting at most ``timeout`` seconds in all."""
         if self._fd < 0:
             return self._get_one_by_one(size, timeout)
+        if self._buffer:  # an incomplete frame: look again in time to tell a torn one
+            timeout = min(timeout, _TORN_AFTER)
         return wait_and_take(self._fd, self._ready, self._read_available, size, timeout)
 
     def _get_one_by_one(self, size: int, timeout: float) -> List[TimerRequest]:
@@ -354,38 +395,53 @@ class MultiprocessingRequestQueue(RequestQueue):
             return  # another reader (there should be none) is inside get(); read next round
         try:
             data = read_available(self._fd)
-            if data:
+            if data or self._buffer:
                 self._frames(self._buffer + data)
         finally:
             q._rlock.release()
 
     def _frames(self, data: bytes) -> None:
-        """Split multiprocessing.Connection frames (4-byte big-endian length, then the pickle)."""
+        """Split multiprocessing.Connection frames (4-byte big-endian length, then the pickle).
+
+        A frame that cannot be one (a length no request comes near, a pickle that does not
+        load) or that stays incomplete for :data:`_TORN_AFTER` seconds (its writer was killed
+        part way through a long message) is refused, and reading resumes at the next byte
+        that can start a frame: the requests written after it are not lost.
+        """
         view = memoryview(data)
         pos = 0
         end = len(data)
         sem = self._mp_queue._sem
-        while end - pos >= 4:
-            (n,) = struct.unpack_from("!i", view, pos)
-            header = 4
-            if n == -1:  # a message over 2 GiB: an 8-byte length follows
-                if end - pos < 12:
-                    break
-                (n,) = struct.unpack_from("!Q", view, pos + 4)
-                header = 12
-            if end - pos - header < n:
+        while pos < end:
+            n = struct.unpack_from("!i", view, pos)[0] if end - pos >= 4 else 0
+            if end - pos >= 4 and not 0 < n <= _MAX_FRAME:
+                self._ready.append(_Unreadable(f"a frame of length {n} (torn or not a timer request)"))
+                pos = _next_frame(data, pos + 1)
+                continue
+            if end - pos < 4 or end - pos - 4 < n:  # incomplete
+                now = time.monotonic()
+                if pos > 0 or self._partial_since is None:  # a new one (later bytes may be others')
+                    self._partial_since = now
+                elif now - self._partial_since >= _TORN_AFTER:
+                    self._ready.append(_Unreadable(f"a frame left incomplete at {end - pos} bytes (its writer died?)"))
+                    pos = _next_frame(data, pos + 1, keep_tail=False)
+                    continue
                 break
-            payload = view[pos + header : pos + header + n]
-            pos += header + n
+            payload = view[pos + 4 : pos + 4 + n]
             try:
                 item = pickle.loads(payload)
             except Exception as exc:
-                item = _Unreadable(f"{type(exc).__name__}: {exc}")
+                self._ready.append(_Unreadable(f"{type(exc).__name__}: {exc}"))
+                pos = _next_frame(data, pos + 1)
+                continue
+            pos += 4 + n
             try:
                 sem.release()  # the writer acquired it for this message
             except ValueError:
                 pass  # a writer that bypassed the semaphore
             self._ready.append(item)
+        if pos >= end:
+            self._partial_since = None
         self._buffer = data[pos:]
 
     def fileno(self) -> int:
