@@ -216,6 +216,11 @@ class PidTimerServer(TimerServer):
             except AttributeError:
                 self._events.emit("bad request", reason=f"not a TimerRequest: {request!r}")
                 continue
+            if isinstance(pid, bool) or not isinstance(pid, int):
+                self._events.emit(
+                    "bad request", request=request, reason=f"worker_id must be a pid, an int (got {pid!r})"
+                )
+                continue
             if (
                 not isinstance(scope, str)
                 or isinstance(expiration, bool)

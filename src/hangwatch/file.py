@@ -380,6 +380,8 @@ def _parse_line(line: bytes) -> Tuple[Optional[FileTimerRequest], str]:
         return None, "not UTF-8"
     except ValueError as exc:
         return None, f"not JSON ({exc})"
+    except RecursionError:
+        return None, "JSON nested too deeply"
     if not isinstance(obj, dict):
         return None, "not a JSON object"
     version = obj.get("version", 1)

@@ -35,6 +35,7 @@ import logging
 import math
 import mmap
 import os
+import select
 import socket
 import stat
 import struct
@@ -564,6 +565,13 @@ class _Region:
         self.sock.close()
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    """After a read of 0 bytes: whether the peer closed (True) or sent an empty message (False)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLRDHUP)
+    return any(events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, events in poller.poll(0))
+
+
 class _SlotQueue(RequestQueue):
     """The transport: registrations over the socket, requests read from the workers' slots."""
 
@@ -648,10 +656,12 @@ class _SlotQueue(RequestQueue):
                 return
             except OSError:
                 data = b""
-            if not data:
-                self._drop(fd)
-                return
             try:
+                if not data and _hung_up(region.sock):
+                    self._drop(fd)
+                    return
+                if not data:
+                    raise ValueError("an empty message")
                 message = json.loads(data)
                 if not isinstance(message, dict):
                     raise ValueError("a message must be a JSON object")
@@ -659,7 +669,7 @@ class _SlotQueue(RequestQueue):
                     self._hello(region, message)
                 else:
                     self._apply(region, message)
-            except (ValueError, TypeError, KeyError, OSError) as exc:
+            except (ValueError, TypeError, KeyError, OSError, RecursionError) as exc:
                 self._server._events.emit(
                     "bad request",
                     worker=region.pid,
