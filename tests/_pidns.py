@@ -196,7 +196,59 @@ def pin_race(directory: str) -> Dict[str, Any]:
     return results
 
 
-SCENARIOS = {"hostile_pids": hostile_pids, "pid_reuse": pid_reuse, "pin_race": pin_race}
+def keeper_sweep(directory: str) -> Dict[str, Any]:
+    """The keeper's sweep: a live group member and a marked escapee die; the holder of a reused group number,
+    an unmarked bystander and this process (the sweep's caller stands for the keeper) are spared."""
+    from hangwatch._keeper import TOKEN_VARIABLE, sweep
+    from hangwatch._reaper import start_time
+
+    token = "t0ken"
+
+    def leader_with_member() -> None:
+        os.setpgid(0, 0)
+        if os.fork() == 0:  # a member of the group, left behind when the leader dies
+            time.sleep(30)
+            os._exit(0)
+        time.sleep(30)
+
+    group = fork(leader_with_member)
+    time.sleep(0.2)
+    members = [pid for pid in range(2, 400) if os.path.exists(f"/proc/{pid}") and pid != group and _pgid(pid) == group]
+    old_group = fork(lambda: (os.setpgid(0, 0), time.sleep(30)))
+    old_start = start_time(old_group)
+    time.sleep(0.05)  # start times count clock ticks: the newcomer starts ticks later, as any real one would
+    os.kill(old_group, signal.SIGKILL)
+    os.waitpid(old_group, 0)
+    force_next_pid(old_group)
+    reused = fork(lambda: (os.setsid(), time.sleep(30)))  # an unrelated group now holds the number
+    marked = os.fork()
+    if marked == 0:
+        os.setsid()  # left the session, but carries the token
+        os.execve(
+            sys.executable, [sys.executable, "-c", "import time; time.sleep(30)"], {**os.environ, TOKEN_VARIABLE: token}
+        )
+    bystander = fork(sleeper(30))
+    time.sleep(0.5)
+    killed = sweep(token, {group: start_time(group), old_group: old_start})
+    result = {
+        "reused": reused == old_group,
+        "killed": sorted(killed),
+        "expected": sorted([group, *members, marked]),
+        "spared": [status(pid) for pid in (reused, bystander)],  # None: still running
+    }
+    for pid, running in zip((reused, bystander), result["spared"]):
+        if running is None:
+            os.kill(pid, signal.SIGKILL)
+    return result
+
+
+def _pgid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2 :].split()[2])
+
+
+SCENARIOS = {"hostile_pids": hostile_pids, "pid_reuse": pid_reuse, "pin_race": pin_race, "keeper_sweep": keeper_sweep}
 
 if __name__ == "__main__":
     name, directory = sys.argv[1], sys.argv[2]

@@ -305,8 +305,9 @@ class TestNoOrphans:
         assert "interrupted" in err
         assert [pid for pid in pids if not gone(pid)] == []
 
-    def test_sigkill_to_the_launcher_takes_the_workers_down(self, tmp_path: Path) -> None:
-        """The launcher is SIGKILLed: its workers die with it (PR_SET_PDEATHSIG)."""
+    def test_sigkill_to_the_launcher_takes_everything_down(self, tmp_path: Path) -> None:
+        """The launcher is SIGKILLed: its workers die with it (PR_SET_PDEATHSIG), and the keeper takes down
+        their children, the one that left the workers' session included."""
         script = _spawner_script(tmp_path)
         launcher = subprocess.Popen(
             [*HANGWATCH, "run", "--nproc-per-node", "2", str(script)],
@@ -314,12 +315,34 @@ class TestNoOrphans:
             stderr=subprocess.DEVNULL,
         )
         pids = _pids(tmp_path, 2)
-        workers = [pids[0], pids[3]]
-        launcher.kill()
-        launcher.wait()
         try:
-            assert wait_for(lambda: all(gone(pid) for pid in workers), 10)
+            launcher.kill()
+            launcher.wait()
+            assert wait_for(lambda: all(gone(pid) for pid in pids), 20), [pid for pid in pids if not gone(pid)]
         finally:
-            for pid in pids:  # the workers' own children are the subject of the stress suite; clean up here
+            for pid in pids:  # only if the test failed: never leave them running
+                if alive(pid) and not gone(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+    def test_success_leaves_nothing_behind(self, tmp_path: Path) -> None:
+        """A run that succeeds: no worker child outlives it, not even one in its own session."""
+        script = write(
+            tmp_path / "ok.py",
+            f"""
+            import os, subprocess, sys
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+            with open(os.path.join({str(tmp_path)!r}, "child-" + os.environ["RANK"]), "w") as f:
+                f.write(str(child.pid))
+            """,
+        )
+        done = subprocess.run(
+            [*HANGWATCH, "run", "--nproc-per-node", "2", str(script)], capture_output=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        children = [int((tmp_path / f"child-{r}").read_text()) for r in range(2)]
+        try:
+            assert wait_for(lambda: all(gone(pid) for pid in children), 20)
+        finally:
+            for pid in children:
                 if alive(pid) and not gone(pid):
                     os.kill(pid, signal.SIGKILL)

@@ -77,3 +77,12 @@ def test_identity_tells_a_newcomer_from_the_worker_whose_request_it_inherits(tmp
     theirs = result["torch"]
     assert theirs["reused"]
     assert theirs["newcomer_status"] == signal.SIGKILL
+
+
+def test_keeper_sweep_kills_the_runs_leftovers_and_spares_a_reused_group_number(tmp_path: Path) -> None:
+    """What a SIGKILLed agent's keeper kills: its groups' members and processes marked with the run's token;
+    never the new holder of a group number that was reused, nor anything unmarked."""
+    found = run_scenario("keeper_sweep", tmp_path)
+    assert found["reused"], "could not force pid reuse"
+    assert found["killed"] == found["expected"], found
+    assert found["spared"] == [None, None]

@@ -8,7 +8,9 @@ left), then the group starts again, up to ``max_restarts`` times.
 
 Workers are either a function (started with ``multiprocessing``, its return value
 reported) or a command (started with ``subprocess``, its output prefixed with its
-rank). Each worker dies with the agent (``PR_SET_PDEATHSIG``). In the zero-setup mode
+rank). Each worker dies with the agent (``PR_SET_PDEATHSIG``), and what the workers
+started is taken down by a keeper process if the agent is killed (see
+:mod:`hangwatch._keeper`). In the zero-setup mode
 (``timer="auto"``, the default) the agent runs a :class:`~hangwatch.SharedMemoryTimerServer`
 and a :class:`~hangwatch.FileTimerServer` that reap only its workers, and tells them
 where they are through the environment (``HANGWATCH_TIMER_SOCKET``,
@@ -35,6 +37,7 @@ import uuid
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from ._bootstrap import die_with_parent
+from ._keeper import TOKEN_VARIABLE, Keeper
 from ._pidserver import PidTimerServer
 from ._reaper import ReapPolicy, check_policy, processes, signal_name
 from .env import ENV_TIMER_FILE, ENV_TIMER_SOCKET, configure_from_env
@@ -368,6 +371,8 @@ class LocalElasticAgent:
         self._reaps: Dict[int, Event] = {}  # pid -> the first signal's event, from the timer server
         self._reaps_lock = threading.Lock()
         self._servers: List[PidTimerServer] = []
+        self._keeper: Optional[Keeper] = None
+        self._token = uuid.uuid4().hex
 
     # ------------------------------------------------------------------ public
 
@@ -387,6 +392,7 @@ class LocalElasticAgent:
         try:
             if self._subreaper:
                 _set_child_subreaper()
+            self._keeper = _start_keeper(self._token)
             if self._timer != "off":
                 timer_dir = tempfile.mkdtemp(prefix="hangwatch-")
                 self._start_servers(timer_dir)
@@ -397,6 +403,9 @@ class LocalElasticAgent:
             self._servers = []
             if timer_dir is not None:
                 shutil.rmtree(timer_dir, ignore_errors=True)
+            if self._keeper is not None:
+                self._keeper.close()
+                self._keeper = None
             self._restore_signal_handlers(previous)
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -469,6 +478,8 @@ class LocalElasticAgent:
         if outcome == SUCCEEDED:
             values = self._collect_results(workers)
         self._stop_group(workers, before)
+        if self._keeper is not None:
+            self._keeper.forget([w.pid for w in workers])
         self._allow([])
         return Attempt(number, pids, outcome, failures, round(time.monotonic() - started, 3)), values
 
@@ -543,6 +554,7 @@ class LocalElasticAgent:
             "TORCHELASTIC_RESTART_COUNT": str(number),
             "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
             "TORCHELASTIC_RUN_ID": self._run_id,
+            TOKEN_VARIABLE: self._token,  # marks everything the worker starts, for the keeper
         }
         for server in self._servers:
             if isinstance(server, FileTimerServer):
@@ -570,11 +582,12 @@ class LocalElasticAgent:
                 sender.close()
                 assert process.pid is not None
                 workers.append(_Worker(rank, process.pid, process, receiver))
-                self._allow([w.pid for w in workers])  # before the worker can send its first request
             else:
                 assert isinstance(entry, str)
                 workers.append(self._start_command(rank, entry, spec.args, env, parent))
-                self._allow([w.pid for w in workers])  # before the worker can send its first request
+            self._allow([w.pid for w in workers])  # before the worker can send its first request
+            if self._keeper is not None:
+                self._keeper.watch(workers[-1].pid)
         return workers
 
     def _start_command(self, rank: int, command: str, args: Sequence[Any], env: Dict[str, str], parent: int) -> _Worker:
@@ -675,6 +688,17 @@ class LocalElasticAgent:
     def _restore_signal_handlers(self, previous: Dict[int, Any]) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _start_keeper(token: str) -> Optional[Keeper]:
+    """The process that takes down the workers' leftovers if this agent dies (Linux; None elsewhere or on failure)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return Keeper(token)
+    except OSError as exc:
+        logger.warning("could not start the keeper (%s); a SIGKILLed agent may leave worker children behind", exc)
+        return None
 
 
 def _set_child_subreaper() -> None:
