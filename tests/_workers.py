@@ -445,3 +445,35 @@ def releases_then_lingers(kind: str, address: Any, after: float, linger: float) 
     with hangwatch.expires(after=after, scope="short"):
         pass
     time.sleep(linger)
+
+
+def serve(kind: str, address: Any, ready: Any) -> None:
+    """Runs a timer server of the transport ``kind`` until killed."""
+    server: Any = hangwatch.FileTimerServer(address) if kind == "fifo" else hangwatch.SharedMemoryTimerServer(address)
+    server.start()
+    ready.set()
+    time.sleep(600)
+
+
+def outlives_its_server(kind: str, address: Any, conn: Any) -> None:
+    """Inside a block when the server dies: reports how leaving it, and the next block, behave (and how fast)."""
+    hangwatch.configure(client_for(kind, address))
+    outcomes = []
+    with hangwatch.expires(after=60, scope="warm-up"):
+        pass
+    try:
+        with hangwatch.expires(after=60, scope="inside"):
+            conn.send("inside")
+            conn.recv()  # the server was killed
+            t0 = time.monotonic()
+        outcomes.append(("left", "no error", time.monotonic() - t0))
+    except hangwatch.ServerUnavailableError:
+        outcomes.append(("left", "ServerUnavailableError", time.monotonic() - t0))
+    t0 = time.monotonic()
+    try:
+        with hangwatch.expires(after=60, scope="next"):
+            pass
+        outcomes.append(("next", "no error", time.monotonic() - t0))
+    except hangwatch.ServerUnavailableError:
+        outcomes.append(("next", "ServerUnavailableError", time.monotonic() - t0))
+    conn.send(outcomes)

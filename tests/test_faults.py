@@ -165,3 +165,51 @@ class TestQueueFaults:
         assert reap_pids(events) == [stuck.pid]
         (bad,) = events.named("bad request")
         assert "incomplete" in str(bad.details)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "shm"])
+def test_a_server_killed_under_its_clients(kind: str, tmp_path: Path) -> None:
+    """The server process is SIGKILLed while a client is inside a block: the client gets
+    ServerUnavailableError promptly (when it leaves the block on the FIFO, which must send the release;
+    at its next block on shared memory, whose release is a store); a new server on the same path
+    then serves new clients."""
+    address = str(tmp_path / ("timer.fifo" if kind == "fifo" else "timer.sock"))
+    ready = spawn.Event()
+    server_process = spawn.Process(target=_workers.serve, args=(kind, address, ready))
+    server_process.start()
+    assert ready.wait(30)
+    parent, child = spawn.Pipe()
+    client = spawn.Process(target=_workers.outlives_its_server, args=(kind, address, child))
+    client.start()
+    try:
+        assert parent.poll(30) and parent.recv() == "inside"
+        os.kill(server_process.pid, signal.SIGKILL)
+        server_process.join()
+        if kind == "shm":
+            time.sleep(1.5)  # the heartbeat goes stale after a second: how a client tells a dead server
+        parent.send("killed")
+        assert parent.poll(30)
+        outcomes = dict((where, (what, took)) for where, what, took in parent.recv())
+    finally:
+        client.join(30)
+        if client.is_alive():
+            client.kill()
+            client.join()
+    expected = {
+        "fifo": ("ServerUnavailableError", "ServerUnavailableError"),
+        "shm": ("no error", "ServerUnavailableError"),
+    }
+    assert (outcomes["left"][0], outcomes["next"][0]) == expected[kind], outcomes
+    assert outcomes["left"][1] < 5 and outcomes["next"][1] < 5  # prompt: no send_timeout wait
+    server: Any = hangwatch.FileTimerServer(address) if kind == "fifo" else hangwatch.SharedMemoryTimerServer(address)
+    server.start()
+    try:
+        worker = run_worker(
+            _workers.stuck_file if kind == "fifo" else _workers.shm_stuck,
+            address,
+            0.3,
+            *((9,) if kind == "fifo" else ("after-restart",)),
+        )
+    finally:
+        server.stop()
+    assert worker.exitcode == -signal.SIGKILL
