@@ -118,6 +118,9 @@ class RecorderPin(ProcessPin):
 
 @pytest.fixture(autouse=True)
 def _fresh_recorder() -> Iterator[None]:
-    RecorderPin.pinned.clear()
-    RecorderPin.signals.clear()
+    # Test modules import this file as "conftest" (from sys.path): under --import-mode=importlib that is a
+    # second copy beside pytest's own, with its own RecorderPin. Clear the recorders of both.
+    for cls in {RecorderPin, getattr(sys.modules.get("conftest"), "RecorderPin", RecorderPin)}:
+        cls.pinned.clear()
+        cls.signals.clear()
     yield
