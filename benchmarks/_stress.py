@@ -1,6 +1,6 @@
 """hangwatch's stress mode: the reliability scenarios of the test suite, at full size.
 
-Run:  python -m benchmarks.stress            (full size: ~30-40 minutes on 2 cores)
+Run:  python -m benchmarks.stress            (full size: about an hour on 2 cores, most of it the fuzzer)
       python -m benchmarks.stress --quick    (a few minutes)
 
 From a checkout (the fuzzing part runs tests/test_fuzz.py). Prints one summary table:
