@@ -114,12 +114,12 @@ def run_rounds(server: Any, n: int = 2) -> None:
         server._expire_and_reap()
 
 
-def check_targets(allowed: bool) -> None:
-    """Nothing but the allowed worker is pinned or signalled (any pid > 1 but this one when none is set)."""
+def check_targets(allowed: bool, only: int = WORKER) -> None:
+    """Nothing but ``only`` is pinned or signalled (any pid > 1 but this one when no allow-list is set)."""
     for pid in RecorderPin.pinned + [p for p, _ in RecorderPin.signals]:
         assert isinstance(pid, int) and not isinstance(pid, bool), pid
         if allowed:
-            assert pid == WORKER, pid
+            assert pid == only, pid
         else:
             assert pid > 1 and pid != ME, pid
 
@@ -376,7 +376,7 @@ def test_shm_registrations_messages_and_slots(
                 os.close(fd)
             run_rounds(server)
             tried[0] += 1 + len(actions)
-        check_targets_shm()
+        check_targets(True, only=ME)  # the kernel-vouched peer: a message cannot name a pid
 
     session()
     assert wait_for(lambda: (run_rounds(server), server.registered_workers == 0)[1], 5)
@@ -388,11 +388,6 @@ def test_shm_registrations_messages_and_slots(
     server.start()
     p.join(30)
     assert p.exitcode == -9
-
-
-def check_targets_shm() -> None:
-    for pid in RecorderPin.pinned + [p for p, _ in RecorderPin.signals]:
-        assert pid == ME, pid  # the kernel-vouched peer: a message cannot name a pid
 
 
 def test_a_deeply_nested_line_is_refused_and_the_next_one_served(fifo_path: str, events: EventLog) -> None:

@@ -48,10 +48,10 @@ class _QueueWriter:
     regex, a ctypes call) would never send its request, and nothing would reap it. This
     writer pickles and writes the request in the calling thread, in the queue's own
     message format and under its semaphore, so the queue stays consistent for every
-    other user (see :meth:`put_pickled` for its write lock). It writes through a non-blocking descriptor of its
-    own for the pipe (opened through /proc, so the queue's descriptor stays blocking for
-    everyone else); when the pipe is full it waits for the server to drain it, up to
-    ``send_timeout``. Queues of other types (a manager's proxy, a JoinableQueue) use
+    other user (see :meth:`put_pickled` for its write lock). It writes through a
+    non-blocking descriptor of its own for the pipe (opened through /proc, so the queue's
+    descriptor stays blocking for everyone else); when the pipe is full it waits for the
+    server to drain it, up to ``send_timeout``. Queues of other types (a manager's proxy, a JoinableQueue) use
     their own ``put``.
     """
 
