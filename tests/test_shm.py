@@ -6,6 +6,7 @@ import json
 import mmap
 import multiprocessing as mp
 import os
+import signal
 import socket
 import struct
 import time
@@ -137,6 +138,33 @@ class TestServerGone:
             if second is not None:
                 second.stop()
         assert [k.scope for k in kills(events, p.pid)] == ["after-restart"]
+
+    def test_a_stalled_server_does_not_stall_a_block(self, sock_path: str) -> None:
+        """The server stops scanning (SIGSTOPped) but its connection stands: a block goes on at once, no error.
+
+        (A stale heartbeat makes the client check its connection; that check once waited for the socket's
+        send_timeout and then raised.)"""
+        ready = spawn.Event()
+        server = spawn.Process(target=_workers.serve, args=("shm", sock_path, ready))
+        server.start()
+        try:
+            assert ready.wait(30)
+            client = SharedMemoryTimerClient(sock_path, send_timeout=10)
+            with hangwatch.expires(after=60, scope="step", client=client):
+                pass
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGSTOP)
+            time.sleep(1.5)  # the heartbeat goes stale
+            t0 = time.monotonic()
+            with hangwatch.expires(after=60, scope="step", client=client):
+                pass
+            elapsed = time.monotonic() - t0
+        finally:
+            if server.pid is not None:
+                os.kill(server.pid, signal.SIGCONT)
+            server.kill()
+            server.join()
+        assert elapsed < 2
 
     def test_no_server_is_a_clear_error(self, sock_path: str) -> None:
         """A block with no server listening fails with ServerUnavailableError (a BrokenPipeError) naming the path."""

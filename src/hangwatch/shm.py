@@ -395,9 +395,7 @@ class SharedMemoryTimerClient(TimerClient):
         if sock is None:
             return False
         try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-        except BlockingIOError:
-            return True
+            return _recv_now(sock, 1, socket.MSG_PEEK) != b""
         except OSError:
             return False
 
@@ -499,6 +497,18 @@ class SharedMemoryTimerClient(TimerClient):
         self._repoint(_detached_view(self._capacity))
         if sock is not None:
             os.close(sock.detach())  # the child's copy of the parent's connection; the parent's stays open
+
+
+def _recv_now(sock: socket.socket, size: int, flags: int = 0) -> Optional[bytes]:
+    """Receive what is waiting on ``sock`` without waiting (None if nothing is), whatever its timeout.
+
+    A socket with a timeout waits up to that timeout before it even tries ``recv``, even
+    with ``MSG_DONTWAIT``; so readiness is checked first.
+    """
+    ready, _, _ = select.select([sock], [], [], 0)
+    if not ready:
+        return None
+    return sock.recv(size, flags | socket.MSG_DONTWAIT)
 
 
 def _after_fork_in_child() -> None:
