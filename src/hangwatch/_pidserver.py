@@ -20,10 +20,12 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Union
 
 from ._deadlines import DeadlineBook
+from ._evidence import GroupEvidence
 from ._reaper import (
     DumpReader,
     ProcessPin,
     ReapPolicy,
+    ancestor_in,
     check_policy,
     process_state,
     refuse_target,
@@ -50,8 +52,8 @@ class _Reap:
     __slots__ = (
         "dump_deadline",
         "first_signal_at",
+        "group",
         "last_signal",
-        "last_size",
         "next_at",
         "pid",
         "pin",
@@ -74,11 +76,11 @@ class _Reap:
         self.next_at = 0.0
         self.reader: Optional[DumpReader] = None
         self.dump_deadline = 0.0
-        self.last_size = -1
         self.stack: Optional[str] = None
         self.stack_note: Optional[str] = None
         self.first_signal_at: Optional[float] = None
         self.last_signal = 0
+        self.group: Optional[GroupEvidence] = None  # the group's stacks this reap waits for
 
     def close(self) -> None:
         if self.reader is not None:
@@ -143,6 +145,9 @@ class PidTimerServer(TimerServer):
             raise TypeError(f"on_event must be callable (got {on_event!r})")
         self._reap_policy = check_policy(reap_policy) or ReapPolicy()
         self._allowed = _check_pids(allowed_pids)
+        self._descendants = False
+        self._lineage: Dict[int, int] = {}  # a pinned descendant of an allowed pid -> that pid
+        self._group: Optional[GroupEvidence] = None
         self._new_pin = pin
         self._book: DeadlineBook[int, TimerRequest] = DeadlineBook()
         self._pins: Dict[int, ProcessPin] = {}
@@ -159,17 +164,36 @@ class PidTimerServer(TimerServer):
 
     # ----------------------------------------------------------------- configuration
 
-    def set_allowed_pids(self, pids: Optional[Iterable[int]]) -> None:
+    def set_allowed_pids(self, pids: Optional[Iterable[int]], *, descendants: bool = False) -> None:
         """Reap only these worker pids from now on (None: any pid that passes the safety checks).
 
         Thread-safe. The agent calls it with each new worker group. A request naming another
         pid is refused (``bad request``); an expired worker no longer on the list is not
         signalled (``reap refused``).
 
+        Args:
+            pids: the worker pids, or None for any.
+            descendants: also accept the live descendants of these pids (a worker's
+                DataLoader workers, its helpers), checked through /proc's parent links when
+                their first timer arrives; their events name the worker they descend from
+                (``descendant_of``).
+
         Raises:
             ValueError: a pid is not an int > 1.
         """
+        self._descendants = bool(descendants)
         self._allowed = _check_pids(pids)
+
+    def set_group(self, group: Optional[GroupEvidence]) -> None:
+        """Take the whole group's stacks at its first expiry, before any of its processes is signalled.
+
+        Thread-safe. With a group set, the first expired timer of one of its processes (a
+        worker or a descendant) starts :meth:`GroupEvidence.collect`, and every reap of the
+        group's processes waits for it (up to its deadline) before its first signal; their
+        stacks come from it. Later expiries are reaped as usual. The agent sets one group
+        per start of its workers.
+        """
+        self._group = group
 
     @property
     def allowed_pids(self) -> Optional[frozenset[int]]:
@@ -292,7 +316,7 @@ class PidTimerServer(TimerServer):
         if worker_id in self._reaps:
             return True  # already being reaped
         allowed = self._allowed
-        if allowed is not None and worker_id not in allowed:
+        if allowed is not None and worker_id not in allowed and self._lineage.get(worker_id) not in allowed:
             self._events.emit(
                 "reap refused",
                 worker=worker_id,
@@ -315,10 +339,34 @@ class PidTimerServer(TimerServer):
         job = _Reap(worker_id, pin, chosen, policy)
         job.scopes = [r.scope_id for r in expired]
         self._reaps[worker_id] = job
-        self._start_dump(job)
-        if job.reader is None and worker_id in self._reaps:
-            self._next_step(job)
+        group = self._group
+        if group is not None and not group.done:
+            rank = group.rank_of(worker_id)
+            if rank is not None:
+                scope = chosen.scope_id
+                group.collect(pid=worker_id, rank=rank, scope=scope, reason=f"timer {scope!r} expired")
+                job.group = group
+                job.next_at = group.deadline() or time.monotonic()
+                group.on_done(self._wake)
+                return True
+        self._start_evidence(job)
         return True
+
+    def _start_evidence(self, job: _Reap) -> None:
+        """Ask the worker for its stack (when the policy wants one), or go on to the first signal."""
+        self._start_dump(job)
+        if job.reader is None and job.pid in self._reaps:
+            self._next_step(job)
+
+    def _after_group(self, job: _Reap, group: GroupEvidence) -> None:
+        """The group's stacks are taken (or their time is up): this worker's stack comes from them."""
+        job.group = None
+        stack = group.snapshot.stack_of(job.pid) if group.snapshot is not None else None
+        if stack:
+            job.stack = stack
+            self._next_step(job)
+        else:
+            self._start_evidence(job)
 
     def _start_dump(self, job: _Reap) -> None:
         """Ask the worker for its stack, if the policy wants it and the worker registered a handler."""
@@ -358,16 +406,18 @@ class PidTimerServer(TimerServer):
         if not self._reaps:
             return
         now = time.monotonic()
-        for job in [j for j in self._reaps.values() if j.next_at <= now]:
+        for job in [j for j in self._reaps.values() if j.next_at <= now or (j.group is not None and j.group.done)]:
             if job.pid not in self._reaps:
                 continue  # ended by an earlier step of this round
+            group = job.group
+            if group is not None:
+                self._after_group(job, group)
+                continue
             reader = job.reader
             if reader is None:
                 self._next_step(job)
                 continue
-            size = reader.size()
-            if not (size > 0 and size == job.last_size) and now < job.dump_deadline:
-                job.last_size = size
+            if not reader.settled() and now < job.dump_deadline:
                 job.next_at = now + _DUMP_POLL
                 continue
             job.stack = reader.read() or None
@@ -412,6 +462,8 @@ class PidTimerServer(TimerServer):
             details["late_s"] = round(time.time() - job.request.expiration_time, 6)
             if len(job.scopes) > 1:
                 details["scopes"] = job.scopes
+            if job.pid in self._lineage:
+                details["descendant_of"] = self._lineage[job.pid]
             details.update(job.evidence())
         else:
             details["reason"] = f"still alive {policy.grace:g} s after {signal_name(job.last_signal)}"
@@ -477,8 +529,13 @@ class PidTimerServer(TimerServer):
         """Validate ``pid``, pin it and watch for its exit; False (with an event) if it must not or cannot be."""
         reason = refuse_target(pid)
         allowed = self._allowed
+        ancestor: Optional[int] = None
         if reason is None and allowed is not None and pid not in allowed:
-            reason = f"pid {pid} is not one of this server's workers (allowed_pids)"
+            ancestor = ancestor_in(pid, allowed) if self._descendants else None
+            if ancestor is None:
+                what = "workers nor a descendant of one" if self._descendants else "workers"
+                reason = f"pid {pid} is not one of this server's {what} (allowed_pids)"
+                self._refused(pid, reason)
         if reason is None:
             try:
                 pin = self._new_pin(pid)
@@ -499,6 +556,8 @@ class PidTimerServer(TimerServer):
                     )
                     return False
                 self._pins[pid] = pin
+                if ancestor is not None:
+                    self._lineage[pid] = ancestor
                 if pin.fileno() >= 0:
                     self._watch_fd(pin.fileno(), lambda: self._worker_gone(pid))
                 else:
@@ -506,6 +565,9 @@ class PidTimerServer(TimerServer):
                 return True
         self._events.emit(refusal, worker=pid, scope=scope, reason=reason)
         return False
+
+    def _refused(self, pid: int, reason: str) -> None:
+        """Called when a request of ``pid`` is refused by the allow-list (the shared-memory server tells its client)."""
 
     @staticmethod
     def _same_process(pin: ProcessPin, info: WorkerInfo) -> bool:
@@ -525,6 +587,7 @@ class PidTimerServer(TimerServer):
         pin = self._pins.pop(pid, None)
         self._polled_pins.pop(pid, None)
         self._dumps.pop(pid, None)
+        self._lineage.pop(pid, None)
         if pin is not None:
             if pin.fileno() >= 0:
                 self._unwatch_fd(pin.fileno())

@@ -21,13 +21,14 @@ import select
 import signal
 import stat
 import sys
-from typing import Any, Iterable, Iterator, Optional, Tuple, Union
+from typing import Any, Container, Iterable, Iterator, Optional, Tuple, Union
 
 __all__ = [
     "VALID_SIGNALS",
     "DumpReader",
     "ProcessPin",
     "ReapPolicy",
+    "ancestor_in",
     "check_policy",
     "pidfd_identity",
     "pidfd_inode",
@@ -65,6 +66,23 @@ def processes() -> Iterator[tuple[int, list[bytes]]]:
             fields = stat_fields(entry)
             if fields is not None:
                 yield int(entry), fields
+
+
+def ancestor_in(pid: int, pids: Container[int], depth: int = 64) -> Optional[int]:
+    """The nearest of ``pids`` among ``pid``'s ancestors (following /proc's parent links), or None.
+
+    ``pid`` itself does not count. Linux only (None elsewhere, or when /proc is unreadable).
+    """
+    for _ in range(depth):
+        fields = stat_fields(pid)
+        if fields is None:
+            return None
+        pid = int(fields[1])
+        if pid <= 1:
+            return None
+        if pid in pids:
+            return pid
+    return None
 
 
 def _ancestors() -> set[int]:
@@ -428,7 +446,7 @@ class DumpReader:
         ValueError: the descriptor is not a regular file.
     """
 
-    __slots__ = ("_fd", "_limit", "_start")
+    __slots__ = ("_fd", "_last", "_limit", "_start")
 
     def __init__(self, pid: int, fd: int, limit: int = 1 << 20) -> None:
         path = f"/proc/{pid}/fd/{fd}"
@@ -441,10 +459,22 @@ class DumpReader:
             raise ValueError(f"descriptor {fd} of worker {pid} is not a regular file")
         self._start = st.st_size
         self._limit = limit
+        self._last = -1
 
     def size(self) -> int:
         """How many bytes the worker has written since this reader was created."""
         return os.fstat(self._fd).st_size - self._start
+
+    def settled(self) -> bool:
+        """Whether the dump is complete: something was written, and nothing more since the previous call.
+
+        Call it at a steady interval (the servers poll every millisecond): faulthandler
+        writes the whole dump in one go, so a size unchanged over one interval is the end.
+        """
+        size = self.size()
+        done = size > 0 and size == self._last
+        self._last = size
+        return done
 
     def read(self) -> str:
         """What the worker has written since this reader was created (decoded, possibly truncated)."""

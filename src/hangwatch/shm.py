@@ -65,6 +65,8 @@ _monotonic = time.monotonic
 _HEADER = 8
 _HEARTBEAT = 0  # the server's monotonic time at its last scan, in the worker's clock; 0: stopped
 _CAPACITY = 1  # how many slots the file holds
+# Set by the server when it refused this worker's timers (1: not yet told; the worker writes 2 once told).
+_REFUSED = 2
 _SLOT_BYTES = 8
 # A worker whose heartbeat is older than this checks its connection before trusting the server.
 _STALE = 1.0
@@ -381,6 +383,9 @@ class SharedMemoryTimerClient(TimerClient):
             view = self._view
             if self._pid != os.getpid():
                 return self._register(None)
+            if view[_REFUSED] == 1.0:
+                self._tell_refused(view)
+                return view
             if view[_HEARTBEAT] != 0.0:
                 # A slow server, not a gone one, while the connection stands: trust it, check again later.
                 if now - self._checked_at < _RECHECK:
@@ -389,6 +394,34 @@ class SharedMemoryTimerClient(TimerClient):
                     self._checked_at = now
                     return view
             return self._register(view)
+
+    def _tell_refused(self, view: _View) -> None:
+        """The server refused this process's timers: say so on stderr, once per process (holds the lock)."""
+        reason = "this process is not one of its workers"
+        sock = self._sock
+        while sock is not None:
+            try:
+                data = _recv_now(sock, _MAX_MESSAGE)
+            except OSError:
+                break
+            if data is None:
+                break
+            try:
+                message = json.loads(data)
+            except ValueError:
+                break
+            if isinstance(message, dict) and isinstance(message.get("refused"), str):
+                reason = message["refused"][:500]
+                break
+        view[_REFUSED] = 2.0
+        text = (
+            f"hangwatch: warning: the timer server on {self._path} refused the timers of this process "
+            f"(pid {os.getpid()}): {reason}; its expires() blocks are not enforced"
+        )
+        logger.warning("%s", text)
+        if not logging.getLogger().handlers:  # logging not configured: hangwatch's NullHandler would hide it
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
 
     def _connected(self) -> bool:
         sock = self._sock
@@ -645,6 +678,19 @@ class _SlotQueue(RequestQueue):
             pass
         region.sock.close()
 
+    def refused(self, pid: int, reason: str) -> None:
+        """The server refused a timer of ``pid``: tell its client, once (it warns on stderr at its next block)."""
+        for region in self._regions.values():
+            view = region.view
+            if region.pid != pid or view is None or view[_REFUSED] != 0.0:
+                continue
+            view[_REFUSED] = 1.0
+            view[_HEARTBEAT] = -1.0  # stale: the worker's next block looks at the header
+            try:
+                region.sock.send(json.dumps({"refused": reason}).encode())
+            except OSError:
+                pass
+
     def _drop(self, fd: int) -> None:
         region = self._regions.pop(fd, None)
         if region is not None:
@@ -823,7 +869,8 @@ class _SlotQueue(RequestQueue):
                 snap = mm[_HEADER * _SLOT_BYTES : (_HEADER + region.used) * _SLOT_BYTES]
             self._changes(region, region.snap, snap, now)
             region.snap = snap
-        region.view[_HEARTBEAT] = now - region.offset
+        if region.view[_REFUSED] != 1.0:  # a refused worker's stale heartbeat tells it at its next block
+            region.view[_HEARTBEAT] = now - region.offset
 
     def _changes(self, region: _Region, old: bytes, new: bytes, now: float) -> None:
         to_wall = time.time() - now + region.offset
@@ -967,6 +1014,9 @@ class SharedMemoryTimerServer(PidTimerServer):
                 self.register_timers(changes)
                 expired = super().get_expired_timers(deadline)
         return expired
+
+    def _refused(self, pid: int, reason: str) -> None:
+        self._slots.refused(pid, reason)
 
     def _wait(self, timeout: float) -> bool:
         if super()._wait(timeout):
