@@ -477,3 +477,27 @@ def outlives_its_server(kind: str, address: Any, conn: Any) -> None:
     except hangwatch.ServerUnavailableError:
         outcomes.append(("next", "ServerUnavailableError", time.monotonic() - t0))
     conn.send(outcomes)
+
+
+def stuck_reading() -> None:
+    time.sleep(3600)
+
+
+def file_barrier(folder: str, rank: int, world: int) -> None:
+    """Waits until every rank has entered it (a collective without torch)."""
+    import os
+
+    open(os.path.join(folder, f"in.{rank}"), "w").close()
+    while sum(name.startswith("in.") for name in os.listdir(folder)) < world:
+        time.sleep(0.01)
+
+
+def barrier_job(folder: str) -> None:
+    """Rank 1 never reaches the barrier; the others wait in it, with the shorter timers."""
+    import os
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    with hangwatch.expires(after=5.0 if rank == 1 else 0.5, scope="step"):
+        if rank == 1:
+            stuck_reading()
+        file_barrier(folder, rank, world)

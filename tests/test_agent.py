@@ -217,8 +217,9 @@ class TestLauncher:
             cwd=tmp_path,
         )
         assert done.returncode == 0, done.stderr
-        assert "rank 1" in done.stderr and "was reaped: timer 'collective' expired" in done.stderr
-        assert "stuck at: File" in done.stderr and "in wait_for_peer" in done.stderr
+        assert "likely cause: rank 1 (pid" in done.stderr and "at stuckmod.py:6 in wait_for_peer" in done.stderr
+        assert "fate: rank 1 reaped: timer 'collective' expired; killed by SIGKILL" in done.stderr
+        assert "rank 1's main thread" in done.stderr and 'stuckmod.py", line 6 in wait_for_peer' in done.stderr
         assert "succeeded after 2 attempts" in done.stderr
 
     def test_failure_after_retries_exits_1_and_usage_errors_exit_2(self, tmp_path: Path) -> None:

@@ -29,11 +29,15 @@ def test_file_timer_example_cleans_up_on_sigterm() -> None:
     assert "got SIGTERM while stuck, cleaning up" in done.stdout + done.stderr
 
 
-def test_demo_shows_the_reap_the_stack_and_the_recovery() -> None:
-    """`hangwatch demo`: rank 2 reaped with its stack, the group restarted, the job succeeded."""
+def test_demo_names_the_stuck_rank_not_the_ranks_waiting_for_it() -> None:
+    """`hangwatch demo`: rank 2 named as the cause with its own line, the others waiting in all_reduce, recovery."""
     done = subprocess.run([sys.executable, "-m", "hangwatch", "demo"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     out = done.stderr
-    assert "rank 2" in out and "was reaped: timer 'all_reduce' expired" in out
-    assert 'stuck at: File "' in out and "in all_reduce" in out
+    assert "likely cause: rank 2 (pid" in out and "at train.py:24 in load_batch (confidence: high)" in out
+    assert "train.py:24: time.sleep(3600)" in out
+    assert "ranks 0, 1 and 3: waiting in all_reduce (train.py:32), called from train.py:43 in main" in out
+    assert 'train.py", line 24 in load_batch' in out
+    assert "fate: " in out and "timers expired" in out
     assert "succeeded after 2 attempts" in out
+    assert out.count("training finished") == 4

@@ -3,7 +3,8 @@
 Run as ``python -m hangwatch._bootstrap --parent PID (--script PATH | --module NAME | --exec CMD) [ARGS...]``.
 
 1. Ask the kernel to SIGKILL this process when the agent dies (``PR_SET_PDEATHSIG``,
-   kept across ``exec``), and exit at once if the agent is already gone.
+   kept across ``exec``), and exit at once if the agent is already gone; let the agent's
+   native stack sampler attach to it (``PR_SET_PTRACER``, under Yama).
 2. For a Python script or module: configure the timer client from the environment
    (:func:`hangwatch.configure_from_env`), so ``expires`` works with no set-up, then run
    it as ``__main__``, as ``python script.py`` / ``python -m module`` would.
@@ -19,9 +20,10 @@ import signal
 import sys
 from typing import List, Optional
 
-__all__ = ["die_with_parent", "main"]
+__all__ = ["die_with_parent", "let_parent_trace", "main"]
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_PTRACER = 0x59616D61  # Yama: which process (and its descendants) may ptrace this one
 
 
 def die_with_parent(parent: Optional[int]) -> None:
@@ -33,6 +35,18 @@ def die_with_parent(parent: Optional[int]) -> None:
             raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
     if parent is not None and os.getppid() != parent:
         os._exit(1)  # the agent died before the death signal was armed
+
+
+def let_parent_trace(parent: Optional[int]) -> None:
+    """Let the agent and its children (the native stack sampler) ptrace this process under Yama (Linux).
+
+    With ``kernel.yama.ptrace_scope`` 1 (the default of many distributions) only an
+    ancestor may attach, and the sampler is the agent's child, not the worker's parent.
+    Where Yama is absent the call fails harmlessly and changes nothing.
+    """
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PTRACER, parent, 0, 0, 0)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -48,6 +62,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         )
     mode, target, rest = args[0], args[1], args[2:]
     die_with_parent(parent)
+    let_parent_trace(parent)
     if mode == "--exec":
         try:
             os.execvp(target, [target, *rest])

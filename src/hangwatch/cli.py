@@ -15,11 +15,15 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
+import threading
 import time
-from typing import List, Optional, TextIO
+from typing import List, Optional, Set, TextIO
 
 from ._reaper import ReapPolicy
 from .agent import FAILED, SUCCEEDED, Attempt, LocalElasticAgent, RunResult, WorkerSpec
+from .events import Event
+from .triage import ranks_text
 
 __all__ = ["main"]
 
@@ -35,6 +39,16 @@ def _nproc(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a number of workers or 'auto' (got {text!r})") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds (got {text!r})") from None
+    if not 0 <= value <= 600:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 600 seconds (got {text})")
     return value
 
 
@@ -82,6 +96,18 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="timer servers for the workers: auto (shared memory + FIFO), fifo, shm, off (default auto)",
     )
+    run.add_argument(
+        "--native-stacks",
+        choices=("auto", "off"),
+        default="auto",
+        help="add C/C++ frames to a hang report when pystack is installed (default auto)",
+    )
+    run.add_argument(
+        "--native-timeout",
+        type=_seconds,
+        default=3.0,
+        help="the longest the native sampler may run when a hang is reported, s (default 3)",
+    )
     run.add_argument("-m", "--module", action="store_true", help="run the target as a module (python -m)")
     run.add_argument("--no-python", "--no_python", action="store_true", help="run the target as a command")
     run.add_argument("target", help="the script (or module, or command) to run")
@@ -122,15 +148,32 @@ _LAUNCH_FRAMES = ("<frozen runpy>", "runpy.py", "hangwatch/_bootstrap.py")
 
 
 class _Reporter:
-    """Writes the launcher's own lines (attempts, reaps, the summary) to stderr."""
+    """Writes the launcher's own lines (attempts, hang reports, refused timers, the summary) to stderr."""
 
     def __init__(self, out: TextIO, total: int) -> None:
         self.out = out
         self.total = total
+        self._lock = threading.Lock()
+        self._refused: Set[int] = set()
 
     def say(self, text: str) -> None:
-        self.out.write(f"hangwatch: {text}\n")
-        self.out.flush()
+        with self._lock:
+            self.out.write(f"hangwatch: {text}\n")
+            self.out.flush()
+
+    def event(self, event: Event) -> None:
+        """From the timer servers' threads: a process whose timers are refused is named once."""
+        if event.name != "bad request" or "allowed_pids" not in str(event.details.get("reason", "")):
+            return
+        pid = event.worker
+        with self._lock:
+            if pid in self._refused:
+                return
+            self._refused.add(pid)
+        self.say(
+            f"pid {pid} is not one of this run's workers nor a descendant of one: its timer "
+            f"{event.scope!r} is ignored (was it started outside the run, or did its parent exit?)"
+        )
 
     def attempt(self, attempt: Attempt) -> None:
         label = f"attempt {attempt.number + 1} of {self.total}"
@@ -140,24 +183,67 @@ class _Reporter:
         if attempt.outcome != FAILED:
             self.say(f"{label}: interrupted; every worker was stopped")
             return
-        for failure in attempt.failures.values():
-            self.say(f"{label}: {failure.describe()}")
-            stuck = failure.stuck_at()
-            if stuck:
-                self.say(f"  stuck at: {stuck}")
-            if failure.stack:
-                for line in failure.stack.rstrip().splitlines():
-                    if not any(noise in line for noise in _LAUNCH_FRAMES):  # how the worker was started
-                        self.out.write(f"    {line}\n")
+        report = attempt.report
+        if report is not None:
+            lines = report.render()
+            self.say(f"{label} failed: {lines[0]}")
+            with self._lock:
+                for line in lines[1:]:
+                    self.out.write(line + "\n" if line.startswith("    ") else f"hangwatch: {line}\n")
+                self.out.flush()
+        else:
+            for failure in attempt.failures.values():
+                self.say(f"{label}: {failure.describe()}")
+                stuck = failure.stuck_at()
+                if stuck:
+                    self.say(f"  stuck at: {stuck}")
+                if failure.stack:
+                    with self._lock:
+                        for line in failure.stack.rstrip().splitlines():
+                            if not any(noise in line for noise in _LAUNCH_FRAMES):  # how the worker was started
+                                self.out.write(f"    {line}\n")
+        self.say(f"  {_counts(attempt)}")
         if attempt.number + 1 < self.total:
             self.say(f"stopping the group and starting it again (restart {attempt.number + 1} of {self.total - 1})")
 
     def summary(self, result: RunResult, seconds: float) -> None:
-        reaped = [f for a in result.attempts for f in a.failures.values() if f.reaped]
+        workers = sum(1 for a in result.attempts for r in a.reaped if not r.child)
+        children = sum(1 for a in result.attempts for r in a.reaped if r.child)
         tried = f"{len(result.attempts)} attempt{'s' if len(result.attempts) != 1 else ''}"
         what = {SUCCEEDED: "succeeded", FAILED: "failed"}.get(result.state, "was interrupted")
-        extra = f"; {len(reaped)} worker{'s' if len(reaped) != 1 else ''} reaped" if reaped else ""
+        extra = f"; {_plural(workers, 'worker', 'workers')} reaped" if workers else ""
+        if children:
+            extra += f"; {_plural(children, 'worker child', 'worker children')} reaped"
         self.say(f"the job {what} after {tried} in {seconds:.1f} s{extra}")
+        for attempt in result.attempts:
+            report = attempt.report
+            if report is not None and report.culprits:
+                culprit = report.ranks[report.culprits[0]]
+                user = None if culprit.place is None else culprit.place.user
+                place = "" if user is None else f" at {user.short()}"
+                self.say(
+                    f"  attempt {attempt.number + 1}: likely caused by {ranks_text(report.culprits)}{place} "
+                    f"(confidence: {report.verdict.confidence})"
+                )
+
+
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+def _counts(attempt: Attempt) -> str:
+    """``4 timers expired; 3 workers reaped, 1 stopped by the group stop``."""
+    parts = [_plural(attempt.timers_expired, "timer expired", "timers expired")]
+    workers = [r for r in attempt.reaped if not r.child]
+    children = [r for r in attempt.reaped if r.child]
+    counts = [_plural(len(workers), "worker reaped", "workers reaped")]
+    if children:
+        counts.append(_plural(len(children), "worker's child reaped", "workers' children reaped"))
+    failed = [f for f in attempt.failures.values() if not f.reaped]
+    if failed:
+        counts.append(_plural(len(failed), "worker failed by itself", "workers failed by themselves"))
+    counts.append(f"{len(attempt.stopped)} stopped by the group stop")
+    return f"{'; '.join(parts)}; {', '.join(counts)}"
 
 
 def _run(spec: WorkerSpec, args: argparse.Namespace, out: TextIO, worker_out: Optional[TextIO] = None) -> int:
@@ -172,7 +258,10 @@ def _run(spec: WorkerSpec, args: argparse.Namespace, out: TextIO, worker_out: Op
         event_file=args.events,
         subreaper=True,
         on_attempt=reporter.attempt,
+        on_event=reporter.event,
         output=worker_out,
+        native_stacks=args.native_stacks,
+        native_timeout=args.native_timeout,
     )
     started = time.monotonic()
     result = agent.run()
@@ -186,22 +275,34 @@ def _run(spec: WorkerSpec, args: argparse.Namespace, out: TextIO, worker_out: Op
 
 def _demo(out: TextIO) -> int:
     out.write(
-        "hangwatch demo: 4 workers train for 4 steps; each step is guarded by\n"
-        "    with hangwatch.expires(after=1.0, scope='all_reduce'): ...\n"
-        "On the first attempt rank 2 hangs inside its step. Watch it being reaped just after\n"
-        "its 1 s deadline, with the stack where it hung, and the group restart and finish.\n\n"
+        "hangwatch demo: 4 ranks train for 4 steps. Each step loads a batch, then meets the other ranks\n"
+        "in all_reduce (no rank leaves it before every rank arrived), guarded by\n"
+        "    with hangwatch.expires(after=1.0, scope='train_step'): ...\n"
+        "On the first attempt rank 2 hangs reading its batch, so ranks 0, 1 and 3 wait for it in\n"
+        "all_reduce, and every rank's timer expires. Watch hangwatch take every rank's stack before\n"
+        "signalling any, name rank 2 as the likely cause, and restart the group, which finishes.\n\n"
     )
     out.flush()
     args = argparse.Namespace(
-        start_method="spawn", reap_policy=None, stop_grace=2.0, run_id="demo", events=None, timer="auto"
+        start_method="spawn",
+        reap_policy=None,
+        stop_grace=2.0,
+        run_id="demo",
+        events=None,
+        timer="auto",
+        native_stacks="auto",
+        native_timeout=3.0,
     )
-    spec = WorkerSpec(
-        local_world_size=4,
-        entrypoint=sys.executable,
-        args=("-u", "-m", "hangwatch._bootstrap", "--module", "hangwatch._demo"),
-        max_restarts=2,
-    )
-    return _run(spec, args, out, worker_out=out)
+    with tempfile.TemporaryDirectory(prefix="hangwatch-demo-") as folder:
+        script = os.path.join(folder, "train.py")
+        shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_demo.py"), script)
+        spec = WorkerSpec(
+            local_world_size=4,
+            entrypoint=sys.executable,
+            args=("-u", "-m", "hangwatch._bootstrap", "--script", script, os.path.join(folder, "sync")),
+            max_restarts=2,
+        )
+        return _run(spec, args, out, worker_out=out)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -35,12 +35,21 @@ EVENT_NAMES: Dict[str, str] = {
     "reap refused": "an expired worker is not on the allow-list of worker pids; it was not signalled",
     "reap failed": "a signal could not be sent, or the worker is still alive after the last signal (state given)",
     "kill server process": "torch's behaviour, opted into: the server signalled its own process after a reap",
+    "hang report": "the agent's report of a failed attempt: every rank's stack, the grouping, the likely culprit",
 }
 
 TORCH_EVENT_NAMES = frozenset({"watchdog started", "timer expired", "kill worker process", "watchdog stopped"})
 
 _WARNING_EVENTS = frozenset(
-    {"timer expired", "kill worker process", "bad request", "reap refused", "reap failed", "kill server process"}
+    {
+        "timer expired",
+        "kill worker process",
+        "bad request",
+        "reap refused",
+        "reap failed",
+        "kill server process",
+        "hang report",
+    }
 )
 
 
@@ -78,7 +87,7 @@ class Event:
                 stack = value
                 parts.append("stack=(below)")
             else:
-                parts.append(f"{key}={value!r}")
+                parts.append(f"{key}={_brief(value)}")
         line = " ".join(parts)
         return line if stack is None else f"{line}\n{stack.rstrip()}"
 
@@ -91,6 +100,18 @@ class Event:
             "scope": self.scope,
             "details": self.details,
         }
+
+
+def _brief(value: Any, limit: int = 300) -> str:
+    """A value for the one-line form: a large container is summarised (the JSON-lines file has it whole)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    if isinstance(value, dict):
+        return f"{{... {len(value)} entries}}"
+    if isinstance(value, (list, tuple)):
+        return f"[... {len(value)} items]"
+    return text[:limit] + "..."
 
 
 class JsonLinesSink:
