@@ -8,15 +8,19 @@ report must still name the rank that hung, with its own line.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from hangwatch._native import native_available
+import hangwatch
+from hangwatch._evidence import GroupEvidence
+from hangwatch._native import NativeSampler, native_available
 from hangwatch.agent import FAILED, LocalElasticAgent, WorkerSpec
 
 import _workers
@@ -26,8 +30,11 @@ HANGWATCH = [sys.executable, "-m", "hangwatch"]
 
 # A collective without torch: a barrier in files. Rank 1 never reaches it on the first attempt.
 BARRIER_JOB = """\
-import os, sys, time
+import os, sys, threading, time
 import hangwatch
+
+for _ in range(16):  # like a real job's helper threads: a killed process's threads take a moment to go
+    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
 
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
@@ -255,7 +262,7 @@ class TestTorch:
         assert groups[(0, 2)].endswith(f"called from job.py:{backward} in <module>"), groups
         if native_available():  # CI installs the native extra: the bystanders' C++ wait is named
             assert details["confidence"] == "high"
-            assert groups[(0, 2)].startswith("waiting in c10d::"), groups
+            assert groups[(0, 2)].startswith("waiting in ") and "c10d::" in groups[(0, 2)], groups
             native = details["ranks"]["0"]["native"]
             assert "gloo::" in native and "c10d::" in native
             assert "native: gloo::" in err and "(libtorch_cpu.so) in thread pt_gloo_runloop" in err
@@ -328,9 +335,6 @@ class TestTorch:
 
 def test_a_native_sampler_that_hangs_is_cut_off(tmp_path: Path) -> None:
     """The native stage is bounded: a sampler that never returns costs its timeout, and the report still comes."""
-    from hangwatch._evidence import GroupEvidence
-    from hangwatch._native import NativeSampler
-
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         sampler = NativeSampler(command=[sys.executable, "-c", "import time; time.sleep(60)", "--"])
@@ -345,3 +349,36 @@ def test_a_native_sampler_that_hangs_is_cut_off(tmp_path: Path) -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_reap_waits_for_the_groups_stacks_only_until_their_deadline(events: Any) -> None:
+    """Stacks that never come (a collection stuck in the kernel, say) delay the reap to the group's deadline only;
+    the worker's own stack is then taken as usual."""
+    release = threading.Event()
+
+    class NeverDone(GroupEvidence):
+        def _run(self, trigger: Dict[str, Any]) -> None:
+            release.wait(60)
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    server = hangwatch.LocalTimerServer(queue, max_interval=0.05)
+    worker = ctx.Process(target=_workers.stuck_local, args=(queue, 0.3))
+    worker.start()
+    try:
+        assert worker.pid is not None
+        group = NeverDone({0: worker.pid}, dump_timeout=0.2)
+        server.set_group(group)
+        server.start()
+        worker.join(30)
+        assert not worker.is_alive()
+    finally:
+        release.set()
+        server.stop()
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+    (kill,) = [e for e in events.named("kill worker process") if e.worker == worker.pid]
+    assert group.started and not group.done
+    assert 0.6 <= kill.details["late_s"] < 5  # dump_timeout 0.2 s + 0.5 s of slack, then its own dump
+    assert "in stuck_local" in kill.details["stack"]

@@ -377,14 +377,12 @@ class LocalElasticAgent:
                 )
             )
         failures: Dict[int, WorkerFailure] = {}
-        stopped: Dict[int, int] = {}
+        stopped: Dict[int, Optional[int]] = {}
         fates: Dict[int, str] = {}
         ended: Dict[int, str] = {}
         for worker in workers:
             rank, pid = worker.rank, worker.pid
             code = finals.get(rank)
-            code = last.get(rank) if code is None else code
-            code = 0 if code is None else code
             before_stop = last.get(rank)
             child = next((r for r in reaped if r.child and r.rank == rank), None)
             reap = reaps.get(pid)

@@ -15,8 +15,10 @@ __all__ = ["FAILED", "INTERRUPTED", "SUCCEEDED", "Attempt", "Reaped", "RunResult
 SUCCEEDED, FAILED, INTERRUPTED = "SUCCEEDED", "FAILED", "INTERRUPTED"
 
 
-def exit_text(code: int) -> str:
+def exit_text(code: Optional[int]) -> str:
     """``killed by SIGKILL`` for -9, ``exited with status 3`` for 3 (statuses as ``multiprocessing`` gives them)."""
+    if code is None:
+        return "ended (its exit status could not be read)"
     return f"killed by {signal_name(-code)}" if code < 0 else f"exited with status {code}"
 
 
@@ -56,7 +58,8 @@ class WorkerFailure:
     Attributes:
         rank: the worker's rank.
         pid: its process id.
-        exitcode: its exit status (negative: killed by that signal), as ``multiprocessing`` reports it.
+        exitcode: its exit status (negative: killed by that signal), as ``multiprocessing`` reports it;
+            None if it could not be read.
         reaped: whether a timer server reaped it (its timer expired).
         scope: the expired timer's scope, for a reaped worker.
         stack: where it was stuck (the all-thread stack dump), for a reaped worker that registered one.
@@ -66,7 +69,7 @@ class WorkerFailure:
 
     rank: int
     pid: int
-    exitcode: int
+    exitcode: Optional[int]
     reaped: bool = False
     scope: Optional[str] = None
     stack: Optional[str] = None
@@ -76,7 +79,8 @@ class WorkerFailure:
     @property
     def signal(self) -> Optional[str]:
         """The signal that ended the worker (``"SIGKILL"``), or None for an exit."""
-        return signal_name(-self.exitcode) if self.exitcode < 0 else None
+        code = self.exitcode
+        return signal_name(-code) if code is not None and code < 0 else None
 
     def how(self) -> str:
         """How the process ended: ``killed by SIGKILL`` or ``exited with status 3``."""
@@ -134,7 +138,7 @@ class Attempt:
     outcome: str
     failures: Dict[int, WorkerFailure]
     seconds: float
-    stopped: Dict[int, int] = dataclasses.field(default_factory=dict)
+    stopped: Dict[int, Optional[int]] = dataclasses.field(default_factory=dict)
     reaped: List[Reaped] = dataclasses.field(default_factory=list)
     timers_expired: int = 0
     report: Optional[HangReport] = None

@@ -88,17 +88,23 @@ class Worker:
             return -info.si_status
         return int(info.si_status)
 
-    def reap(self) -> None:
-        """Collect the exited process, close the pidfd and finish reading its output."""
+    def reap(self) -> Optional[int]:
+        """Wait for the process to end, collect it, close the pidfd, finish reading its output; its exit status.
+
+        Returns:
+            The exit status (negative: the signal), or None if another waiter collected it first.
+        """
         if isinstance(self.handle, mp.process.BaseProcess):
             self.handle.join()
+            code = self.handle.exitcode
         else:
-            self.handle.wait()
+            code = self.handle.wait()
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
         for reader in self.readers:
             reader.join(2.0)
+        return None if code is None else int(code)
 
 
 def _pump(stream: IO[bytes], out: IO[str], prefix: str) -> None:
@@ -163,7 +169,7 @@ def stop_group(workers: List[Worker], before: Set[int], grace: float, subreaper:
             that left their process group are its children, and are stopped too).
 
     Returns:
-        Each worker's exit status, by rank (negative: the signal), None if it could not be read.
+        Each worker's exit status, by rank (negative: the signal), None if it could not be known.
     """
     pgids = {w.pid for w in workers}
     for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
@@ -183,9 +189,8 @@ def stop_group(workers: List[Worker], before: Set[int], grace: float, subreaper:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and any(_leftovers(pgids, before, subreaper)):
             time.sleep(0.02)
-    codes = {w.rank: w.status() for w in workers}
-    for worker in workers:
-        worker.reap()
+    # A process's leader shows as a zombie while its other threads still exit: wait for the real end.
+    codes = {w.rank: w.reap() for w in workers}
     members, _ = _leftovers(pgids, before, subreaper)
     if members:
         logger.error("processes %s of the stopped worker group did not exit (stuck in the kernel?)", sorted(members))
