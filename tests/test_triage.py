@@ -144,6 +144,13 @@ class TestPlace:
         assert place.kind == COLLECTIVE
         assert place.describe() == "waiting in all_reduce (train.py:32), called from train.py:43 in main"
 
+    def test_ddp_forward_waits_in_a_collective(self) -> None:
+        """DDP's own Python code (its forward's broadcast) blocks only on collectives."""
+        ddp = "/v/lib/python3.11/site-packages/torch/nn/parallel/distributed.py"
+        place = place_of(main_at(ddp, 1775, "_pre_forward", (ddp, 1850, "forward"), (TRAIN, 14, "main")))
+        assert place.kind == COLLECTIVE
+        assert place.describe() == "waiting in _pre_forward (distributed.py:1775), called from train.py:14 in main"
+
     def test_a_rank_waiting_for_its_dataloader(self) -> None:
         """Frames of torch.utils.data: waiting for a DataLoader worker, not in a collective."""
         place = place_of(

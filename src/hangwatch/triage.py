@@ -7,9 +7,9 @@ ranks by where they are stuck and names the likely culprit:
 
 1. A rank that already failed by itself (crashed, exited) while the others still ran;
    or a rank that finished while every other waits in a collective.
-2. Else, when some ranks wait in a collective (frames of ``torch.distributed``, c10d,
-   gloo, NCCL, MPI, or a function named like one: ``all_reduce``, ``barrier``, ...) and
-   others do not: the ranks that are not in it. The ones in it are waiting for them.
+2. Else, when some ranks wait in a collective (frames of ``torch.distributed`` or DDP,
+   c10d, gloo, NCCL, MPI, or a function named like one: ``all_reduce``, ``barrier``, ...)
+   and others do not: the ranks that are not in it. The ones in it are waiting for them.
 3. Else, the odd ones out: the ranks outside the largest group, when one group holds more
    ranks than every other.
 4. Else no culprit: every rank in the same place (the cause is elsewhere: another node, a
@@ -84,6 +84,8 @@ _COLLECTIVE_NAMES = re.compile(
     r"(?i)(^|_)(all_?reduce|all_?gather|reduce_?scatter|all_?to_?all|broadcast|barrier|wait_for_peers|rendezvous)"
     r"(_|$)"
 )
+# Python code that blocks only on collectives: torch.distributed, and DDP's wrapper (its forward syncs).
+_COLLECTIVE_FILES = ("/torch/distributed/", "/torch/nn/parallel/distributed.py")
 # Native frames of a collective library (the main thread waiting on the collective).
 _NATIVE_COLLECTIVE = re.compile(r"^(c10d::|gloo::|nccl|ncclx|P?MPI_|ucc_|torch::distributed::)|ProcessGroup")
 # Native frames that show a collective being carried out (in the library's own threads), best first.
@@ -107,7 +109,7 @@ def _collective_frame(
             if native is None and _NATIVE_COLLECTIVE.search(frame.func):
                 native = frame
             continue
-        if "/torch/distributed/" in frame.file or _COLLECTIVE_NAMES.search(frame.func):
+        if any(part in frame.file for part in _COLLECTIVE_FILES) or _COLLECTIVE_NAMES.search(frame.func):
             return COLLECTIVE, frame, native
         if "/torch/utils/data/" in frame.file:
             return (COLLECTIVE, None, native) if native is not None else (DATA, frame, None)
@@ -126,6 +128,7 @@ class Place:
         kind: ``"collective"`` (waiting in a collective or barrier), ``"data"`` (waiting
             for a DataLoader worker), or None.
         waits_in: the frame it waits in, for a ``kind``: a Python one where there is one.
+        native_wait: the native frame of a collective library it waits in, if the stack has native frames.
         native: the main thread's native frames worth showing: its innermost, and the
             collective frame it waits in.
         busy: the other threads busy in a collective (``gloo::allreduce (libtorch_cpu.so)
@@ -138,6 +141,7 @@ class Place:
     waits_in: Optional[Frame] = None
     native: Tuple[str, ...] = ()
     busy: Tuple[str, ...] = ()
+    native_wait: Optional[Frame] = None
 
     @property
     def key(self) -> Tuple[object, ...]:
@@ -159,9 +163,12 @@ class Place:
         """E.g. ``waiting in all_reduce (distributed_c10d.py:3252), called from train.py:46 in main``."""
         if self.kind is not None and self.waits_in is not None:
             what = "waiting in" if self.kind == COLLECTIVE else "waiting for a DataLoader worker in"
-            text = f"{what} {self.waits_in.func} ({self.waits_in.short().split(' in ')[0]})"
             if self.waits_in.native:
                 text = f"{what} {self.waits_in.short()}"
+            else:
+                where = self.waits_in.short().split(" in ")[0]
+                native = "" if self.native_wait is None else f", in {self.native_wait.func}"
+                text = f"{what} {self.waits_in.func} ({where}{native})"
             if self.frame is not None and self.frame != self.waits_in and self.frame != self.user:
                 text += f", under {self.frame.func}()"
         elif self.user is not None:
@@ -211,7 +218,7 @@ def place_of(threads: Sequence[ThreadStack], roots: Optional[Sequence[str]] = No
             note = f"{work.short()} in thread {thread.name or thread.ident}"
             if note not in busy:
                 busy.append(note)
-    return Place(frame, user, kind, waits_python or waits_native, tuple(notes), tuple(busy))
+    return Place(frame, user, kind, waits_python or waits_native, tuple(notes), tuple(busy), waits_native)
 
 
 @dataclass(frozen=True)
