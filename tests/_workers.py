@@ -501,3 +501,33 @@ def barrier_job(folder: str) -> None:
         if rank == 1:
             stuck_reading()
         file_barrier(folder, rank, world)
+
+
+def holds_then_releases(path: str, after: float, go: str, linger: float) -> None:
+    """Holds a timer until the file ``go`` appears, releases it, then lingers past its deadline:
+    only a lost release kills it."""
+    import os
+
+    hangwatch.configure(hangwatch.FileTimerClient(path))
+    with hangwatch.expires(after=after, scope="held"):
+        while not os.path.exists(go):
+            time.sleep(0.01)
+    time.sleep(linger)
+
+
+def reports_a_thread_id(conn: Any) -> None:
+    """Starts a thread and sends its kernel thread id, then waits to be killed."""
+    import threading
+
+    ready = threading.Event()
+    tids = []
+
+    def run() -> None:
+        tids.append(threading.get_native_id())
+        ready.set()
+        time.sleep(600)
+
+    threading.Thread(target=run, daemon=True).start()
+    ready.wait()
+    conn.send(tids[0])
+    time.sleep(600)

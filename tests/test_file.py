@@ -266,6 +266,79 @@ class TestHostileLines:
             child.kill()
             child.join()
 
+    def test_a_torn_line_never_takes_the_next_request_with_it(
+        self, server: FileTimerServer, events: EventLog, tmp_path: Path
+    ) -> None:
+        """A writer that dies mid-line leaves a fragment: the next writer's acquire (a stuck worker) and release
+        (a healthy worker) still count; only the fragment is refused."""
+        fd = os.open(server.file_path, os.O_WRONLY)
+        try:
+            # A fragment, then a stuck worker's acquire lands right after it: the worker is still reaped.
+            os.write(fd, b'{"version": 1, "pid": 4')
+            stuck = run_worker(_workers.stuck_file, server.file_path, 0.3, 9)
+            assert stuck.exitcode == -signal.SIGKILL
+            # A fragment, then a healthy worker's release: it is not killed at its deadline.
+            go = tmp_path / "go"
+            healthy = spawn.Process(target=_workers.holds_then_releases, args=(server.file_path, 1.5, str(go), 2.5))
+            healthy.start()
+            assert wait_for(lambda: server.active_timers == 1, 30)
+            os.write(fd, b'{"version": 1, "pid": 4, "scope_id": "x", "expir')
+            go.touch()
+            healthy.join(30)
+            assert healthy.exitcode == 0
+            # An over-long fragment (more than PIPE_BUF, no newline), then an acquire: still reaped.
+            os.write(fd, b'{"version": 1, "scope_id": "' + b"y" * 3000)
+            os.write(fd, b"y" * 3000)
+            stuck = run_worker(_workers.stuck_file, server.file_path, 0.3, 9)
+            assert stuck.exitcode == -signal.SIGKILL
+        finally:
+            os.close(fd)
+        reasons = [e.details["reason"] for e in events.named("bad request")]
+        assert sum("incomplete line" in r for r in reasons) == 2, reasons
+        assert sum("longer than PIPE_BUF" in r for r in reasons) == 1, reasons
+        assert len(reasons) == 3 and server.active_timers == 0
+
+    @pytest.mark.parametrize(
+        ("pid", "reason"),
+        [(2**31 + 5, "out of range"), (-(2**40), "must be > 1")],
+    )
+    def test_a_pid_the_kernel_cannot_take_is_refused_and_the_round_goes_on(
+        self, server: FileTimerServer, events: EventLog, pid: int, reason: str
+    ) -> None:
+        """Pids beyond any pid_max (pidfd_open would raise OverflowError) are refused alone; the stuck worker whose
+        acquire came in the same batch is reaped."""
+        fd = os.open(server.file_path, os.O_WRONLY)
+        try:
+            line = {"version": 1, "pid": pid, "scope_id": "s", "expiration_time": time.time() - 1, "signal": 9}
+            os.write(fd, (json.dumps(line) + "\n").encode())
+            stuck = run_worker(_workers.stuck_file, server.file_path, 0.3, 9)
+        finally:
+            os.close(fd)
+        assert stuck.exitcode == -signal.SIGKILL
+        assert wait_for(lambda: any(reason in e.details["reason"] for e in events.named("bad request")), 5)
+
+    def test_a_thread_id_is_refused_not_signalled(self, server: FileTimerServer, events: EventLog) -> None:
+        """A request naming a thread of a process (kill() would signal the whole process) is refused; the
+        thread's process keeps running."""
+        parent, child = spawn.Pipe()
+        holder = spawn.Process(target=_workers.reports_a_thread_id, args=(child,))
+        holder.start()
+        try:
+            tid = parent.recv()
+            fd = os.open(server.file_path, os.O_WRONLY)
+            try:
+                line = {"version": 1, "pid": tid, "scope_id": "s", "expiration_time": time.time() - 1, "signal": 9}
+                os.write(fd, (json.dumps(line) + "\n").encode())
+            finally:
+                os.close(fd)
+            assert wait_for(lambda: events.named("bad request"), 5)
+            time.sleep(0.3)
+            assert holder.is_alive()
+            assert f"{tid} is a thread of process {holder.pid}" in events.named("bad request")[0].details["reason"]
+        finally:
+            holder.kill()
+            holder.join()
+
     @pytest.mark.parametrize("pid", [-1, 0, 1])
     def test_process_group_and_init_pids_are_refused(self, fifo_path: str, events: EventLog, pid: int) -> None:
         """pid -1, 0 and 1 are refused at once: never pinned, never signalled (kill primitives are recorders here)."""

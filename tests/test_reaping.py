@@ -10,7 +10,7 @@ import signal
 import stat
 import time
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, ClassVar, List, Set, Tuple
 
 import pytest
 
@@ -266,6 +266,42 @@ class TestTargets:
             p.kill()
             p.join()
             server.stop()
+
+    @pytest.mark.parametrize(
+        "error", [OSError(24, "Too many open files"), RuntimeError("a bug while pinning")], ids=["EMFILE", "bug"]
+    )
+    def test_a_request_that_cannot_be_applied_is_refused_alone(self, events: EventLog, error: Exception) -> None:
+        """A failure while applying one request (here: pinning its worker) refuses that request only; the
+        stuck worker whose request shares the round is still reaped (Local pair)."""
+
+        class FailingPin(ProcessPin):
+            refuse: ClassVar[Set[int]] = set()
+
+            def __init__(self, pid: int) -> None:
+                if pid in FailingPin.refuse:
+                    raise error
+                super().__init__(pid)
+
+        q = spawn.Queue()
+        unpinnable = spawn.Process(target=_workers.stuck_local, args=(q, 0.3))
+        unpinnable.start()
+        assert unpinnable.pid is not None
+        FailingPin.refuse = {unpinnable.pid}
+        server = LocalTimerServer(q, pin=FailingPin)
+        try:
+            stuck = spawn.Process(target=_workers.stuck_local, args=(q, 0.3))
+            stuck.start()
+            time.sleep(1.0)  # both acquires wait in the queue: the server reads them in one round
+            server.start()
+            stuck.join(30)
+            assert stuck.exitcode == -SIGKILL
+            assert wait_for(lambda: events.named("bad request"), 5)
+            assert str(error) in events.named("bad request")[0].details["reason"]
+            assert unpinnable.is_alive()
+        finally:
+            server.stop()
+            unpinnable.kill()
+            unpinnable.join()
 
     def test_bad_allow_list_is_refused(self) -> None:
         """allowed_pids must hold worker pids > 1."""

@@ -13,6 +13,7 @@ and report a worker that outlives the last signal.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -37,6 +38,8 @@ from .api import RequestQueue, TimerRequest, TimerServer
 from .events import EventEmitter, EventSink, JsonLinesSink
 
 __all__ = ["PidTimerServer"]
+
+logger = logging.getLogger("hangwatch")
 
 # How often the size of a worker's dump file is checked while its stack is being written.
 _DUMP_POLL = 0.001
@@ -230,53 +233,59 @@ class PidTimerServer(TimerServer):
             return
         # One offset for the batch: the wall clock at receipt maps onto the monotonic clock.
         offset = time.monotonic() - time.time()
-        book = self._book
         for request in timer_requests:
             self._request_count += 1
             try:
-                pid = request.worker_id
-                scope = request.scope_id
-                expiration = request.expiration_time
-            except AttributeError:
-                self._events.emit("bad request", reason=f"not a TimerRequest: {request!r}")
-                continue
-            if isinstance(pid, bool) or not isinstance(pid, int):
-                self._events.emit(
-                    "bad request", request=request, reason=f"worker_id must be a pid, an int (got {pid!r})"
-                )
-                continue
-            if (
-                not isinstance(scope, str)
-                or isinstance(expiration, bool)
-                or not isinstance(expiration, (int, float))
-                or math.isnan(expiration)
-            ):
-                self._events.emit(
-                    "bad request",
-                    worker=pid,
-                    request=request,
-                    reason=f"scope_id must be a str and expiration_time a number (got {request!r})",
-                )
-                continue
-            if expiration < 0:
-                book.remove(pid, scope)
-                continue
-            if not math.isfinite(expiration):
-                self._events.emit("bad request", worker=pid, scope=scope, reason="expiration_time is infinite")
-                continue
-            info: Optional[WorkerInfo] = None
-            ext = getattr(request, "hangwatch", None)
-            if ext is not None:
-                try:
-                    info = parse_identity(ext)
-                except ValueError as exc:
-                    self._events.emit("bad request", worker=pid, scope=scope, reason=str(exc))
-                    continue
-            if pid not in self._pins and not self._pin(pid, scope, info):
-                continue
-            if info is not None and info.dump_signal:
-                self._dumps[pid] = (info.dump_signal, info.dump_fd)
-            book.set(pid, scope, expiration + offset, request)
+                self._register(request, offset)
+            except Exception as exc:  # contained to this request: the others of the round still count
+                logger.exception("hangwatch: applying a timer request failed: %r", request)
+                self._events.emit("bad request", reason=f"could not be applied ({type(exc).__name__}: {exc})")
+
+    def _register(self, request: TimerRequest, offset: float) -> None:
+        """Apply one request (``offset``: monotonic minus wall-clock time at receipt)."""
+        book = self._book
+        try:
+            pid = request.worker_id
+            scope = request.scope_id
+            expiration = request.expiration_time
+        except AttributeError:
+            self._events.emit("bad request", reason=f"not a TimerRequest: {request!r}")
+            return
+        if isinstance(pid, bool) or not isinstance(pid, int):
+            self._events.emit("bad request", request=request, reason=f"worker_id must be a pid, an int (got {pid!r})")
+            return
+        if (
+            not isinstance(scope, str)
+            or isinstance(expiration, bool)
+            or not isinstance(expiration, (int, float))
+            or math.isnan(expiration)
+        ):
+            self._events.emit(
+                "bad request",
+                worker=pid,
+                request=request,
+                reason=f"scope_id must be a str and expiration_time a number (got {request!r})",
+            )
+            return
+        if expiration < 0:
+            book.remove(pid, scope)
+            return
+        if not math.isfinite(expiration):
+            self._events.emit("bad request", worker=pid, scope=scope, reason="expiration_time is infinite")
+            return
+        info: Optional[WorkerInfo] = None
+        ext = getattr(request, "hangwatch", None)
+        if ext is not None:
+            try:
+                info = parse_identity(ext)
+            except ValueError as exc:
+                self._events.emit("bad request", worker=pid, scope=scope, reason=str(exc))
+                return
+        if pid not in self._pins and not self._pin(pid, scope, info):
+            return
+        if info is not None and info.dump_signal:
+            self._dumps[pid] = (info.dump_signal, info.dump_fd)
+        book.set(pid, scope, expiration + offset, request)
 
     def clear_timers(self, worker_ids: Set[Any]) -> None:
         """Remove every timer of the given workers."""
@@ -542,8 +551,8 @@ class PidTimerServer(TimerServer):
             except ProcessLookupError:
                 self._events.emit("worker exited", worker=pid, scope=scope, reason="not running; never signalled")
                 return False
-            except PermissionError as exc:
-                reason = f"cannot watch process: {exc}"
+            except (OSError, OverflowError, ValueError) as exc:  # EPERM, ENOENT (a thread), EMFILE, ...
+                reason = f"cannot watch process {pid}: {exc}"
             else:
                 if info is not None and not self._same_process(pin, info):
                     pin.close()

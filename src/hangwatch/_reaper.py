@@ -102,16 +102,38 @@ def refuse_target(pid: object) -> Optional[str]:
     """Return why ``pid`` must never be signalled by this server, or None if it may be.
 
     Refused: anything but an int, pids <= 1 (0 and -1 mean process groups and "every
-    process"; 1 is init), this process, and its ancestors.
+    process"; 1 is init), pids beyond any pid_max, this process, a thread id that is not
+    its process's pid (``kill`` would signal the whole process), and this process's ancestors.
     """
     if isinstance(pid, bool) or not isinstance(pid, int):
         return f"worker pid must be an int (got {pid!r})"
     if pid <= 1:
         return f"worker pid must be > 1 (got {pid}): 0, -1 and negative pids name process groups or every process"
+    if pid > _PID_LIMIT:
+        return f"worker pid {pid} is out of range (no pid exceeds {_PID_LIMIT})"
     if pid == os.getpid():
         return f"worker pid {pid} is the timer server's own process"
+    group = _thread_group(pid)
+    if group is not None and group != pid:
+        return f"{pid} is a thread of process {group}, not a process"
     if pid in _ancestors():
         return f"worker pid {pid} is an ancestor of the timer server"
+    return None
+
+
+# The kernel's ceiling for pid_max (PID_MAX_LIMIT on 64-bit Linux).
+_PID_LIMIT = 4194304
+
+
+def _thread_group(pid: int) -> Optional[int]:
+    """The process (thread group) that ``pid`` belongs to, from /proc; None where unknown."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
     return None
 
 

@@ -344,7 +344,12 @@ class TimerServer(abc.ABC):
         retry = False
         for worker_id, expired in self.get_expired_timers(time.time()).items():
             logger.info("Reaping worker_id=[%s]. Expired timers: %s", worker_id, [r.scope_id for r in expired])
-            if self._reap_expired(worker_id, expired):
+            try:
+                done = self._reap_expired(worker_id, expired)
+            except Exception:  # contained to this worker: the others are reaped on time
+                logger.exception("Reaping worker=[%s] raised; will retry", worker_id)
+                done = False
+            if done:
                 reaped.add(worker_id)
             else:
                 retry = True

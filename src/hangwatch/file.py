@@ -403,6 +403,10 @@ def _parse_line(line: bytes) -> Tuple[Optional[FileTimerRequest], str]:
     return request, ""
 
 
+# How every line of the wire format starts (torch's json.dumps and hangwatch's client alike).
+_LINE_START = b'{"version"'
+
+
 class _FifoRequestQueue(RequestQueue):
     """Reads and decodes the FIFO; refuses bad lines one by one, keeping the good ones around them."""
 
@@ -437,24 +441,56 @@ class _FifoRequestQueue(RequestQueue):
         lines = data.split(b"\n")
         self._buffer = lines.pop()
         for line in lines:
-            if self._discarding:
+            if self._discarding:  # the end of an over-long line (reported): only what follows it may count
                 self._discarding = False
+                self._salvage(line, None)
                 continue
             if not line.strip():
                 continue
             if len(line) >= PIPE_BUF:
-                self._on_bad_line(line[:200], f"line of {len(line) + 1} bytes, longer than PIPE_BUF ({PIPE_BUF})")
+                self._salvage(line, f"line of {len(line) + 1} bytes, longer than PIPE_BUF ({PIPE_BUF})")
                 continue
             request, reason = _parse_line(line)
             if request is None:
-                self._on_bad_line(line[:200], reason)
+                self._salvage(line, reason)
             else:
                 self._ready.append(request)
         if len(self._buffer) >= PIPE_BUF:
+            # An over-long line so far: drop it, but keep what may be the start of a request glued after it.
+            start = self._buffer.rfind(_LINE_START)
             if not self._discarding:
                 self._on_bad_line(self._buffer[:200], f"line longer than PIPE_BUF ({PIPE_BUF}); skipped")
-            self._discarding = True
-            self._buffer = b""
+            if start > 0 and len(self._buffer) - start < PIPE_BUF:
+                self._buffer = self._buffer[start:]
+                self._discarding = False
+            else:
+                self._buffer = b""
+                self._discarding = True
+
+    def _salvage(self, line: bytes, reason: Optional[str]) -> None:
+        """Refuse a line, but keep a whole request at its end: what a torn fragment glued itself to.
+
+        A writer that dies or stalls in the middle of a line leaves a fragment with no
+        newline, and the next writer's line (one atomic write, as every client writes,
+        hangwatch's and torch's alike, each starting with ``{"version"``) lands right after
+        it. So the last ``{"version"`` of a refused line that parses on its own is that
+        request, and only what stands before it is refused. ``reason`` None: the line's
+        start was already reported.
+        """
+        start = line.rfind(_LINE_START)
+        if start > 0 or (start == 0 and reason is None):  # after a dropped start, a request may open the line
+            request, _ = _parse_line(line[start:]) if len(line) - start < PIPE_BUF else (None, "")
+            if request is not None:
+                if reason is not None:
+                    self._on_bad_line(
+                        line[: min(start, 200)],
+                        "an incomplete line (its writer died or stalled before its end); "
+                        "the request written after it is kept",
+                    )
+                self._ready.append(request)
+                return
+        if reason is not None:
+            self._on_bad_line(line[:200], reason)
 
 
 class FileTimerServer(PidTimerServer):
