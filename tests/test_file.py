@@ -11,6 +11,7 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -362,6 +363,52 @@ class TestHostileLines:
         FileTimerClient(server.file_path).acquire("self", time.time() - 1)  # sent with this (the server's) pid
         assert wait_for(lambda: events.named("bad request"), 5)
         assert "own process" in events.named("bad request")[0].details["reason"]
+
+
+class TestPaths:
+    def test_a_symlink_swapped_in_after_mkfifo_is_never_followed(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Another user wins the race between creating the FIFO and setting its mode: the victim file is not
+        touched, and the server refuses to start on it."""
+        victim = tmp_path / "victim"
+        victim.write_text("someone's file")
+        victim.chmod(0o644)
+        path = tmp_path / "timer.fifo"
+        real_mkfifo = os.mkfifo
+
+        def mkfifo_then_swap(target: Any, mode: int = 0o666, *args: Any, **kwargs: Any) -> None:
+            real_mkfifo(target, mode, *args, **kwargs)
+            os.unlink(target)
+            os.symlink(victim, target)  # the attacker's move, made deterministic
+
+        monkeypatch.setattr(os, "mkfifo", mkfifo_then_swap)
+        with pytest.raises(OSError):
+            FileTimerServer(str(path))
+        assert stat.S_IMODE(victim.stat().st_mode) == 0o644 and victim.read_text() == "someone's file"
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a FIFO owned by another user")
+    def test_the_client_refuses_another_users_fifo(self, tmp_path: Path) -> None:
+        """A FIFO at the path that belongs to another user (mode 0666) gets no timer requests."""
+        path = str(tmp_path / "theirs.fifo")
+        os.mkfifo(path, 0o666)
+        os.chown(path, 65534, 65534)
+        os.chmod(path, 0o666)
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            with pytest.raises(ServerUnavailableError, match="another user's FIFO"):
+                FileTimerClient(path).acquire("s", time.time() + 60)
+            assert os.read(reader, 4096) == b""
+        except BlockingIOError:
+            pass  # nothing was written
+        finally:
+            os.close(reader)
+
+    def test_a_missing_directory_is_named(self, tmp_path: Path) -> None:
+        """Creating the FIFO in a directory that does not exist says which path."""
+        with pytest.raises(FileNotFoundError, match="its directory does not exist") as info:
+            FileTimerServer(str(tmp_path / "nope" / "timer.fifo"))
+        assert str(tmp_path / "nope") in str(info.value)
 
 
 class TestConstructor:

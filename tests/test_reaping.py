@@ -311,7 +311,7 @@ class TestTargets:
 
 class TestEventSinks:
     def test_json_lines_file_holds_the_whole_story_of_a_reap(self, tmp_path: Path) -> None:
-        """Every event is one JSON object per line, flushed as it happens, in a file only the owner reads."""
+        """Every event is one JSON object per line, written as it happens, in a file only the owner reads."""
         path = tmp_path / "events.jsonl"
         seen: List[hangwatch.Event] = []
         q = spawn.Queue()
@@ -319,7 +319,8 @@ class TestEventSinks:
         server.start()
         p = run_worker(_workers.stuck_in_regex, q, 0.3)
         assert wait_for(lambda: any(e.name == "worker reaped" for e in seen), 10)
-        # Flushed per event: readable while the server still runs.
+        # Written as it happens (by the sink's own thread): readable while the server still runs.
+        assert wait_for(lambda: len(path.read_text().splitlines()) == 4, 5)
         lines = [json.loads(line) for line in path.read_text().splitlines()]
         server.stop()
         names = [line["name"] for line in lines]
@@ -330,6 +331,31 @@ class TestEventSinks:
         assert json.loads(path.read_text().splitlines()[-1])["name"] == "watchdog stopped"
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert [e.name for e in seen][:4] == names
+
+    def test_the_events_file_is_opened_safely(self, tmp_path: Path) -> None:
+        """No symlink is followed, no FIFO is opened (it would block), and another user's file is not appended to:
+        the server refuses at once, naming the path."""
+        q = spawn.Queue()
+        victim = tmp_path / "victim"
+        victim.write_text("someone's data\n")
+        link = tmp_path / "link.jsonl"
+        link.symlink_to(victim)
+        with pytest.raises(OSError, match=f"refusing to write events to {link}: it is a symbolic link"):
+            LocalTimerServer(q, event_file=link)
+        assert victim.read_text() == "someone's data\n"
+        fifo = tmp_path / "fifo.jsonl"
+        os.mkfifo(fifo)
+        started = time.monotonic()
+        with pytest.raises(OSError, match="not a regular file"):
+            LocalTimerServer(q, event_file=fifo)
+        assert time.monotonic() - started < 5
+        if os.geteuid() == 0:
+            theirs = tmp_path / "theirs.jsonl"
+            theirs.write_text("")
+            os.chown(theirs, 65534, 65534)
+            with pytest.raises(OSError, match="owned by this user"):
+                LocalTimerServer(q, event_file=theirs)
+            assert theirs.read_text() == ""
 
     def test_every_event_name_is_documented_in_the_readme(self) -> None:
         """The README lists every event name the servers emit."""

@@ -8,7 +8,9 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import stat
 import struct
+import threading
 import time
 from pathlib import Path
 from signal import SIGKILL
@@ -203,6 +205,59 @@ def _hostile(path: str, conn: Any) -> None:
     time.sleep(0.3)
     conn.send(report)
     time.sleep(60)
+
+
+class TestPaths:
+    def test_the_socket_is_created_private_and_never_chmodded_by_path(
+        self, sock_path: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The socket gets mode 0600 when it is created; the path is never acted on again (a chmod there could
+        follow a symlink another user swapped in)."""
+        touched: List[str] = []
+        real_chmod = os.chmod
+        monkeypatch.setattr(os, "chmod", lambda path, *a, **k: (touched.append(str(path)), real_chmod(path, *a, **k)))
+        server = SharedMemoryTimerServer(sock_path)
+        try:
+            assert stat.S_IMODE(os.lstat(sock_path).st_mode) == 0o600
+            assert touched == []
+        finally:
+            server.stop()
+
+    def test_a_missing_directory_is_named(self, tmp_path: Path) -> None:
+        """Creating the socket in a directory that does not exist says which path."""
+        with pytest.raises(FileNotFoundError, match="its directory does not exist") as info:
+            SharedMemoryTimerServer(str(tmp_path / "nope" / "timer.sock"))
+        assert str(tmp_path / "nope") in str(info.value)
+
+    def test_a_server_that_sends_an_unsealed_file_is_refused(self, sock_path: str) -> None:
+        """A fake server hands out a file it could shrink under the worker (SIGBUS at its next block): the
+        client refuses to map it."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(sock_path)
+        listener.listen(1)
+
+        def fake_server() -> None:
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            memfd = os.memfd_create("fake")
+            os.ftruncate(memfd, 8 * 64)
+            conn.sendmsg(
+                [json.dumps({"ok": True, "slots": 16}).encode()],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", memfd))],
+            )
+            os.close(memfd)
+            time.sleep(1)
+            conn.close()
+
+        thread = threading.Thread(target=fake_server)
+        thread.start()
+        try:
+            client = SharedMemoryTimerClient(sock_path)
+            with pytest.raises(hangwatch.ServerUnavailableError, match="not sealed"):
+                client.acquire("s", time.time() + 60)
+        finally:
+            thread.join()
+            listener.close()
 
 
 class TestHostileWorkers:

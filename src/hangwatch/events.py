@@ -11,13 +11,16 @@ The event names are listed in :data:`EVENT_NAMES` and in the README.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Optional, Union
+from typing import Any, Callable, Deque, Dict, Iterable, Optional, Union
 
 __all__ = ["EVENT_NAMES", "TORCH_EVENT_NAMES", "Event", "EventEmitter", "JsonLinesSink"]
 
@@ -115,36 +118,123 @@ def _brief(value: Any, limit: int = 300) -> str:
 
 
 class JsonLinesSink:
-    """Appends each event to a file as one JSON object per line, flushed per event.
+    """Appends each event to a file as one JSON object per line, written by a thread of its own.
 
-    The file is created with mode 0600 (stack dumps name the workers' code and paths).
-    Thread-safe. After :meth:`close`, the next event opens the file again.
+    The file is opened at once, safely: it is created with mode 0600 (stack dumps name the
+    workers' code and paths), a symlink at the path is not followed, and an existing file
+    must be a regular file of this user (never another user's file, a FIFO or a device).
+    The writes happen on the sink's own thread, so a slow or stalled file system never
+    holds up the watchdog that reports the event; at most ``max_pending`` lines wait
+    (beyond that, lines are dropped and the count is logged). :meth:`close` writes what is
+    waiting (for at most ``close_timeout`` seconds). After :meth:`close`, the next event
+    opens the file again. Thread-safe.
 
     Args:
         path: the file; appended to if it exists.
+        max_pending: how many lines may wait to be written.
+        close_timeout: how long :meth:`close` waits for the waiting lines to be written.
+
+    Raises:
+        OSError: the file cannot be opened, or is not a regular file of this user (the
+            message names the path).
     """
 
-    def __init__(self, path: Union[str, os.PathLike[str]]) -> None:
+    def __init__(
+        self, path: Union[str, os.PathLike[str]], *, max_pending: int = 100_000, close_timeout: float = 5.0
+    ) -> None:
         self.path = os.fspath(path)
-        self._lock = threading.Lock()
-        self._fd = -1
+        self._max_pending = max_pending
+        self._close_timeout = close_timeout
+        self._cond = threading.Condition()
+        self._pending: Deque[bytes] = deque()
+        self._dropped = 0
+        self._fd = _open_event_file(self.path)
+        self._writer: Optional[threading.Thread] = None
+        self._closing = False
 
     def __call__(self, event: Event) -> None:
-        """Write one event."""
+        """Queue one event for writing (never blocks on the file)."""
         line = (json.dumps(event.to_dict(), default=str, ensure_ascii=False) + "\n").encode()
-        with self._lock:
+        with self._cond:
             if self._fd < 0:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            view = memoryview(line)
-            while view:
-                view = view[os.write(self._fd, view) :]
+                self._fd = _open_event_file(self.path)
+                self._closing = False
+            if len(self._pending) >= self._max_pending:
+                self._dropped += 1
+                return
+            self._pending.append(line)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="hangwatch-events", daemon=True)
+                self._writer.start()
+            self._cond.notify()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:  # closing, and everything is written
+                    if self._fd >= 0:
+                        os.close(self._fd)
+                        self._fd = -1
+                    self._writer = None
+                    self._cond.notify_all()
+                    return
+                lines, self._pending = self._pending, deque()
+                dropped, self._dropped = self._dropped, 0
+                fd = self._fd
+            if dropped:
+                logger.warning("%d events were not written to %s: the file did not keep up", dropped, self.path)
+            try:
+                _write_all(fd, b"".join(lines))
+            except OSError as exc:
+                logger.error("Writing %d events to %s failed: %s", len(lines), self.path, exc)
 
     def close(self) -> None:
-        """Close the file."""
-        with self._lock:
-            if self._fd >= 0:
+        """Write what is waiting (bounded in time), then close the file."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            deadline = time.monotonic() + self._close_timeout
+            while self._writer is not None and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+            if self._writer is not None:  # it closes the file when it is done
+                logger.error("The events file %s took longer than %g s to write", self.path, self._close_timeout)
+            elif self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _open_event_file(path: str) -> int:
+    """Open ``path`` for appending events: created 0600, no symlink followed, a regular file of this user only."""
+    refusal = f"refusing to write events to {path}: it is not a regular file owned by this user"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot open the events file {path}: {exc.strerror}") from None
+    else:
+        if stat.S_ISLNK(st.st_mode):
+            raise OSError(errno.ELOOP, f"refusing to write events to {path}: it is a symbolic link")
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise OSError(errno.EPERM, refusal)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot open the events file {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():  # replaced since the check above
+        os.close(fd)
+        raise OSError(errno.EPERM, refusal)
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 EventSink = Callable[[Event], None]

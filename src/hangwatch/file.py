@@ -347,11 +347,19 @@ class FileTimerClient(TimerClient):
                             f"FileTimerServer on that path before the workers",
                         ) from exc
                     time.sleep(0.02)
-            mode = os.fstat(fd).st_mode
+            st = os.fstat(fd)
+            mode = st.st_mode
             if not stat.S_ISFIFO(mode):
                 os.close(fd)
                 raise ServerUnavailableError(
                     errno.EPIPE, f"{self._file_path} is not a FIFO; is file_path the server's path?"
+                )
+            if st.st_uid not in (os.geteuid(), 0):
+                os.close(fd)
+                raise ServerUnavailableError(
+                    errno.EPERM,
+                    f"{self._file_path} belongs to uid {st.st_uid}, not to this user: refusing to send timer "
+                    f"requests to another user's FIFO",
                 )
             persistent = bool(mode & _MARK) if self._keep_open is None else self._keep_open
             if persistent:
@@ -693,17 +701,31 @@ def _create_fifo(path: str) -> Tuple[int, int, Tuple[int, int]]:
                 f"{path} exists and is not a FIFO; refusing to replace it: remove it or choose another file_path",
             )
         os.unlink(path)  # a FIFO left by an earlier server, as torch replaces it
-    os.mkfifo(path, 0o600)
-    os.chmod(path, 0o600 | _MARK)
+    try:
+        os.mkfifo(path, 0o600)  # at most 0600 whatever the umask; the mark is set through the descriptor below
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            exc.errno, f"cannot create the timer FIFO {path}: its directory does not exist"
+        ) from None
     # Our own write end keeps the pipe from reporting end-of-file when the last client closes.
+    # O_NOFOLLOW and the checks on the descriptor: the path is never trusted twice.
     read_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         write_fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
         st = os.fstat(read_fd)
-        if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.geteuid():
+        if (
+            not stat.S_ISFIFO(st.st_mode)
+            or st.st_uid != os.geteuid()
+            or (st.st_dev, st.st_ino) != _identity(os.fstat(write_fd))
+        ):
             os.close(write_fd)
             raise OSError(errno.EPERM, f"{path} was replaced while it was being created; not using it")
+        os.fchmod(read_fd, 0o600 | _MARK)
     except BaseException:
         os.close(read_fd)
         raise
     return read_fd, write_fd, (st.st_dev, st.st_ino)
+
+
+def _identity(st: os.stat_result) -> Tuple[int, int]:
+    return st.st_dev, st.st_ino

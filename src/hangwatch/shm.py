@@ -81,6 +81,9 @@ _CHUNK = 4096
 # The longest a worker's slots go unread (it also keeps the heartbeat fresh, well within _STALE).
 _MAX_SCAN = 0.25
 _SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+_F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+# The seals a worker requires of the server's file: it can neither shrink nor grow, nor lose its seals.
+_SEALS = getattr(fcntl, "F_SEAL_SHRINK", 2) | getattr(fcntl, "F_SEAL_GROW", 4) | getattr(fcntl, "F_SEAL_SEAL", 1)
 _LINUX = sys.platform.startswith("linux")
 
 # A memoryview of doubles (typeshed types item assignment of memoryviews as int only).
@@ -448,6 +451,11 @@ class SharedMemoryTimerClient(TimerClient):
                     f"no SharedMemoryTimerServer listens on {self._path} ({exc.strerror or exc}); "
                     f"start the server first, or check the path"
                 ) from exc
+            _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            if uid not in (os.geteuid(), 0):
+                raise ServerUnavailableError(
+                    f"the socket {self._path} is served by uid {uid}, not by this user: refusing to register"
+                )
             hello: Dict[str, Any] = {"v": 1, "slots": self._want, "mono": _monotonic()}
             if self._min_after < math.inf:
                 hello["after"] = self._min_after
@@ -497,6 +505,12 @@ class SharedMemoryTimerClient(TimerClient):
             size = os.fstat(fds[0]).st_size
             if not isinstance(capacity, int) or not capacity >= 1 or (_HEADER + capacity) * _SLOT_BYTES > size:
                 raise ServerUnavailableError(f"the server on {self._path} sent a bad file ({reply!r}, {size} bytes)")
+            seals = fcntl.fcntl(fds[0], _F_GET_SEALS)
+            if seals & _SEALS != _SEALS:
+                # A file that can still shrink would kill this worker (SIGBUS) at its next block.
+                raise ServerUnavailableError(
+                    f"the server on {self._path} sent a file that is not sealed against resizing; refusing to map it"
+                )
             view = memoryview(mmap.mmap(fds[0], (_HEADER + capacity) * _SLOT_BYTES)).cast("d")
         finally:
             for fd in fds:
@@ -766,7 +780,7 @@ class _SlotQueue(RequestQueue):
         memfd = os.memfd_create("hangwatch-slots", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(memfd, size)
-            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _SEALS)
             region.mm = mmap.mmap(memfd, size)
             view = memoryview(region.mm).cast("d")
             view[_CAPACITY] = float(capacity)
@@ -1065,16 +1079,25 @@ def _listen(path: str) -> Tuple[socket.socket, Tuple[int, int]]:
         finally:
             probe.close()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    # The socket file gets its mode (0600) when it is created: a chmod of the path afterwards could
+    # follow a symlink swapped in meanwhile. (The umask is the process's; the window is one bind.)
     old_umask = os.umask(0o177)
     try:
         listener.bind(path)
+    except FileNotFoundError as exc:
+        listener.close()
+        raise FileNotFoundError(
+            exc.errno, f"cannot create the timer socket {path}: its directory does not exist"
+        ) from None
     except BaseException:
         listener.close()
         raise
     finally:
         os.umask(old_umask)
-    os.chmod(path, 0o600)
+    st = os.lstat(path)
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        listener.close()
+        raise OSError(errno.EPERM, f"{path} was replaced while the timer socket was being created; not using it")
     listener.listen(128)
     listener.setblocking(False)
-    st = os.lstat(path)
     return listener, (st.st_dev, st.st_ino)
