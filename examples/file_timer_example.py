@@ -38,18 +38,21 @@ print("worker: finished all steps", flush=True)
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    path = os.path.join(tempfile.mkdtemp(prefix="hangwatch-"), "timer.fifo")
-    server = timer.FileTimerServer(path, "example-run")  # torch 2.2+'s form; torch 2.1's (no run_id) works too
-    server.start()
-    try:
-        workers = {kind: subprocess.Popen([sys.executable, "-c", WORKER, path, kind]) for kind in ("healthy", "stuck")}
-        started = time.monotonic()
-        for kind, proc in workers.items():
-            code = proc.wait(timeout=60)
-            print(f"{kind} worker (pid {proc.pid}) exited with {code} after {time.monotonic() - started:.2f} s")
-        assert workers["healthy"].returncode == 0 and workers["stuck"].returncode == 1
-    finally:
-        server.stop()
+    with tempfile.TemporaryDirectory(prefix="hangwatch-example-") as folder:
+        path = os.path.join(folder, "timer.fifo")
+        server = timer.FileTimerServer(path, "example-run")  # torch 2.2+'s form; torch 2.1's (no run_id) works too
+        server.start()
+        try:
+            workers = {
+                kind: subprocess.Popen([sys.executable, "-c", WORKER, path, kind]) for kind in ("healthy", "stuck")
+            }
+            started = time.monotonic()
+            for kind, proc in workers.items():
+                code = proc.wait(timeout=60)
+                print(f"{kind} worker (pid {proc.pid}) exited with {code} after {time.monotonic() - started:.2f} s")
+            assert workers["healthy"].returncode == 0 and workers["stuck"].returncode == 1
+        finally:
+            server.stop()
 
 
 if __name__ == "__main__":

@@ -248,7 +248,44 @@ def _pgid(pid: int) -> int:
     return int(stat[stat.rindex(b")") + 2 :].split()[2])
 
 
-SCENARIOS = {"hostile_pids": hostile_pids, "pid_reuse": pid_reuse, "pin_race": pin_race, "keeper_sweep": keeper_sweep}
+def reused_group(directory: str) -> Dict[str, Any]:
+    """A worker is collected early (as multiprocessing does when it starts the next worker); a newcomer gets its
+    number and leads a group of its own; then the group stop runs. Only the real workers may be signalled."""
+    import subprocess
+
+    from hangwatch.agent.workers import Worker, stop_group
+
+    early = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    early_worker = Worker(0, early.pid, early)
+    early.wait()  # collected: its pid and its (empty) group number are free again
+    force_next_pid(early.pid)
+
+    def lead_a_group() -> None:
+        os.setsid()
+        time.sleep(30)
+
+    newcomer = fork(lead_a_group)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{newcomer}/stat", "rb") as f:
+            if int(f.read().rsplit(b")", 1)[1].split()[2]) == newcomer:
+                break
+        time.sleep(0.01)
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    codes = stop_group([early_worker, Worker(1, busy.pid, busy)], set(), grace=1.0, subreaper=False)
+    newcomer_alive = status(newcomer) is None
+    os.kill(newcomer, signal.SIGKILL)
+    os.waitpid(newcomer, 0)
+    return {"reused": newcomer == early.pid, "newcomer_alive": newcomer_alive, "busy": codes[1]}
+
+
+SCENARIOS = {
+    "hostile_pids": hostile_pids,
+    "pid_reuse": pid_reuse,
+    "pin_race": pin_race,
+    "keeper_sweep": keeper_sweep,
+    "reused_group": reused_group,
+}
 
 if __name__ == "__main__":
     name, directory = sys.argv[1], sys.argv[2]

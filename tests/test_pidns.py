@@ -55,7 +55,8 @@ def test_hostile_pids_are_refused_and_the_server_keeps_serving(tmp_path: Path) -
     refused = result["refused"]
     assert sum("must be > 1" in r for r in refused) == 12  # -1, 0, 1 (the server itself), process groups
     assert any("not one of this server's workers" in r for r in refused)
-    assert len(result["never_running"]) == 2  # the absent pids: not running, never signalled
+    assert result["never_running"] == [4_000_000]  # an absent pid: not running, never signalled
+    assert any("out of range" in r for r in refused)  # 2**31 - 1: beyond any pid_max
 
 
 def test_newcomer_with_a_recycled_pid_survives_the_old_deadline(tmp_path: Path) -> None:
@@ -86,3 +87,11 @@ def test_keeper_sweep_kills_the_runs_leftovers_and_spares_a_reused_group_number(
     assert found["reused"], "could not force pid reuse"
     assert found["killed"] == found["expected"], found
     assert found["spared"] == [None, None]
+
+
+def test_the_group_stop_never_signals_a_reused_group_number(tmp_path: Path) -> None:
+    """A worker collected early gives its number to a newcomer leading its own group: the group stop spares it."""
+    result = run_scenario("reused_group", tmp_path)
+    assert result["reused"], "the scenario could not make the newcomer take the worker's pid"
+    assert result["newcomer_alive"]
+    assert result["busy"] == -signal.SIGTERM

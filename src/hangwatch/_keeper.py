@@ -18,18 +18,22 @@ none is left:
   first holder started in would take wrapping the whole pid space in that tick).
 
 The agent stops each group itself on every path it survives; the keeper's sweep
-then finds nothing. Run as ``python -m hangwatch._keeper TOKEN`` with the pipe on
-stdin; lines ``+ PGID START`` and ``- PGID`` add and remove groups.
+then finds nothing. Last, it removes the agent's folder (its timer FIFO and socket)
+if the agent could not. Run as ``python -m hangwatch._keeper TOKEN`` with the pipe on
+stdin; lines ``+ PGID START`` and ``- PGID`` add and remove groups, ``d HEXPATH DEV INO``
+names the folder.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 from ._reaper import processes, start_time
 
@@ -85,6 +89,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(signum, signal.SIG_IGN)
     groups: Dict[int, Optional[int]] = {}
+    folders: Dict[str, Tuple[int, int]] = {}
     for line in sys.stdin.buffer:
         parts = line.split()
         try:
@@ -92,6 +97,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                 groups[int(parts[1])] = int(parts[2]) if parts[2] != b"-" else None
             elif len(parts) == 2 and parts[0] == b"-":
                 groups.pop(int(parts[1]), None)
+            elif len(parts) == 4 and parts[0] == b"d":
+                folders[os.fsdecode(bytes.fromhex(parts[1].decode()))] = (int(parts[2]), int(parts[3]))
         except ValueError:
             continue
     killed = sweep(args[0], groups)
@@ -100,6 +107,19 @@ def main(argv: Optional[List[str]] = None) -> None:
             f"hangwatch: the agent is gone; killed {len(killed)} leftover worker process(es): {sorted(killed)}",
             file=sys.stderr,
         )
+    for folder, identity in folders.items():
+        remove_folder(folder, identity)
+
+
+def remove_folder(folder: str, identity: Tuple[int, int]) -> None:
+    """Remove the agent's own folder (its timer FIFO and socket), if it is still that folder and this user's."""
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) != identity or st.st_uid != os.geteuid():
+        return
+    shutil.rmtree(folder, ignore_errors=True)  # fd-based on Linux: never follows a symlink placed inside
 
 
 class Keeper:
@@ -133,6 +153,11 @@ class Keeper:
         """A worker started, leading process group ``pgid``."""
         started = start_time(pgid)
         self._send(f"+ {pgid} {'-' if started is None else started}\n")
+
+    def own(self, folder: str) -> None:
+        """The agent's folder (for its timer FIFO and socket): removed if the agent dies without removing it."""
+        st = os.lstat(folder)
+        self._send(f"d {os.fsencode(folder).hex()} {st.st_dev} {st.st_ino}\n")
 
     def forget(self, pgids: List[int]) -> None:
         """These groups were stopped: their numbers may go to other processes from now on."""

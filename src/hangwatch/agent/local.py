@@ -194,6 +194,8 @@ class LocalElasticAgent:
             self._keeper = start_keeper(self._token)
             if self._timer != "off":
                 timer_dir = tempfile.mkdtemp(prefix="hangwatch-")
+                if self._keeper is not None:
+                    self._keeper.own(timer_dir)  # removed even if this process is SIGKILLed
                 self._start_servers(timer_dir)
             return self._run_attempts()
         finally:
@@ -444,10 +446,16 @@ class LocalElasticAgent:
 
     # ------------------------------------------------------------------ starting
 
-    def _environment(self, rank: int, number: int, port: int) -> Dict[str, str]:
+    def _environment(self, rank: int, number: int, port: int) -> Dict[str, Optional[str]]:
+        """The worker's environment over the agent's own: None removes a variable (one of an outer run's)."""
         spec = self.spec
         size = str(spec.local_world_size)
-        env = {
+        env: Dict[str, Optional[str]] = {
+            # Where the timer servers are: set below for the servers of this run, never inherited.
+            ENV_TIMER_FILE: None,
+            ENV_TIMER_SOCKET: None,
+            "TORCHELASTIC_ENABLE_FILE_TIMER": None,
+            "TORCHELASTIC_TIMER_FILE": None,
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
             "GROUP_RANK": "0",

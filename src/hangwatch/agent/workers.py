@@ -22,7 +22,7 @@ from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from .._bootstrap import die_with_parent, let_parent_trace
 from .._keeper import Keeper
-from .._reaper import processes
+from .._reaper import processes, start_time
 from ..env import configure_from_env
 
 __all__ = [
@@ -42,11 +42,15 @@ _DEAD = (b"Z", b"X")
 
 
 def run_function(
-    fn: Callable[..., Any], args: Tuple[Any, ...], env: Dict[str, str], parent: Optional[int], result: Any
+    fn: Callable[..., Any], args: Tuple[Any, ...], env: Dict[str, Optional[str]], parent: Optional[int], result: Any
 ) -> None:
     """The body of a function worker (in the child process)."""
     os.setpgid(0, 0)
-    os.environ.update(env)
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     die_with_parent(parent)
     let_parent_trace(parent)
     configure_from_env(required=False)
@@ -66,6 +70,7 @@ class Worker:
         self.handle = handle
         self.result = result
         self.readers: List[threading.Thread] = []
+        self.start = start_time(pid)  # tells its process group from a later one with the same number
         try:
             self.pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else -1
         except ProcessLookupError:
@@ -119,7 +124,7 @@ def start_command(
     rank: int,
     command: str,
     args: Sequence[Any],
-    env: Dict[str, str],
+    env: Dict[str, Optional[str]],
     parent: int,
     prefix_output: bool,
     output: Optional[IO[str]],
@@ -128,9 +133,10 @@ def start_command(
     argv = [sys.executable, "-m", "hangwatch._bootstrap", "--parent", str(parent), "--exec", command]
     argv += [str(a) for a in args]
     pipe = subprocess.PIPE if prefix_output else None
+    merged = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     popen = subprocess.Popen(
         argv,
-        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        env={name: value for name, value in merged.items() if value is not None},
         stdout=pipe,
         stderr=pipe,
         start_new_session=True,  # its own process group (and session): stopped as one
@@ -171,8 +177,8 @@ def stop_group(workers: List[Worker], before: Set[int], grace: float, subreaper:
     Returns:
         Each worker's exit status, by rank (negative: the signal), None if it could not be known.
     """
-    pgids = {w.pid for w in workers}
     for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        pgids = _our_groups(workers)
         members, orphans = _leftovers(pgids, before, subreaper)
         if not members and not orphans:
             break
@@ -191,10 +197,25 @@ def stop_group(workers: List[Worker], before: Set[int], grace: float, subreaper:
             time.sleep(0.02)
     # A process's leader shows as a zombie while its other threads still exit: wait for the real end.
     codes = {w.rank: w.reap() for w in workers}
-    members, _ = _leftovers(pgids, before, subreaper)
+    members, _ = _leftovers(_our_groups(workers), before, subreaper)
     if members:
         logger.error("processes %s of the stopped worker group did not exit (stuck in the kernel?)", sorted(members))
     return codes
+
+
+def _our_groups(workers: List[Worker]) -> Set[int]:
+    """The process groups the workers lead, but for a number that now names a later process's group.
+
+    A worker collected early (multiprocessing collects a finished child when it starts the
+    next one) frees its pid; once its group is empty, another process may get that number
+    and lead a group of its own. Its start time tells it from the worker.
+    """
+    groups = set()
+    for worker in workers:
+        now = start_time(worker.pid)
+        if now is None or worker.start is None or now == worker.start:
+            groups.add(worker.pid)
+    return groups
 
 
 def _leftovers(pgids: Set[int], before: Set[int], subreaper: bool) -> Tuple[Set[int], Set[int]]:
