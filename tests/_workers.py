@@ -396,7 +396,9 @@ def storm(kind: str, address: Any, threads: int, blocks: int, go: Any, report: A
         w.start()
     for w in workers:
         w.join()
-    report.put((threads * blocks * 4, errors))
+    with hangwatch.expires(after=600, scope="held"):  # long enough for any transport's server to see it
+        time.sleep(0.6)
+    report.put((threads * blocks * 4 + 2, errors))
 
 
 def churn(kind: str, address: Any) -> None:
