@@ -146,6 +146,13 @@ class TestConfigureFromEnv:
             if previous is not None:
                 hangwatch.configure(previous)
 
+    def test_a_bad_reap_policy_variable_is_named(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        """HANGWATCH_REAP_POLICY=garbage: the error names the variable and its value."""
+        monkeypatch.setenv("HANGWATCH_REAP_POLICY", "garbage")
+        monkeypatch.setenv("HANGWATCH_TIMER_FILE", str(tmp_path / "x.fifo"))
+        with pytest.raises(ValueError, match="HANGWATCH_REAP_POLICY='garbage' is not a reap policy"):
+            hangwatch.configure_from_env()
+
     def test_no_server_in_the_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Outside a launcher: a clear error, or None when not required."""
         for name in ("HANGWATCH_TIMER_FILE", "TORCHELASTIC_ENABLE_FILE_TIMER", "TORCHELASTIC_TIMER_FILE"):
@@ -191,6 +198,37 @@ class TestLauncher:
             f"[1] rank 1 of 2 args ['x'] restart 0 {client}",
         ]
         assert "succeeded after 1 attempt" in done.stderr
+
+    @pytest.mark.parametrize("timer, client", [("fifo", "FileTimerClient"), ("off", "None")])
+    def test_an_outer_runs_timer_variables_are_never_inherited(self, tmp_path: Path, timer: str, client: str) -> None:
+        """Variables of an outer run (or a stale shell) never reach the workers: --timer fifo gets the FIFO of
+        this run, --timer off gets none."""
+        script = write(
+            tmp_path / "which.py",
+            """
+            import os
+            import hangwatch
+            client = hangwatch.configure_from_env(required=False)
+            print(type(client).__name__ if client else "None", os.environ.get("TORCHELASTIC_TIMER_FILE", "-"))
+            """,
+        )
+        outer = {
+            "HANGWATCH_TIMER_SOCKET": str(tmp_path / "outer.sock"),
+            "HANGWATCH_TIMER_FILE": str(tmp_path / "outer.fifo"),
+            "TORCHELASTIC_ENABLE_FILE_TIMER": "1",
+            "TORCHELASTIC_TIMER_FILE": str(tmp_path / "outer.fifo"),
+        }
+        done = subprocess.run(
+            [*HANGWATCH, "run", "--timer", timer, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **outer},
+        )
+        assert done.returncode == 0, done.stderr
+        (line,) = [line for line in done.stdout.splitlines() if line.startswith("[0]")]
+        kind, fifo = line.split()[1:]
+        assert kind == client and "outer" not in fifo
 
     def test_module_with_a_stuck_rank_is_reaped_and_restarted(self, tmp_path: Path) -> None:
         """`hangwatch run -m pkg`: a rank stuck in expires is reaped, the summary says where, the rerun succeeds."""
@@ -252,6 +290,8 @@ def _spawner_script(tmp_path: Path) -> Path:
         rank = os.environ["RANK"]
         inside = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
         outside = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+        with open(os.path.join({str(tmp_path)!r}, "dir-" + rank), "w") as f:
+            f.write(os.path.dirname(os.environ["HANGWATCH_TIMER_SOCKET"]))
         with open(os.path.join({str(tmp_path)!r}, "pids-" + rank), "w") as f:
             f.write(f"{{os.getpid()}} {{inside.pid}} {{outside.pid}}")
         if rank == "1" and os.path.exists(os.path.join({str(tmp_path)!r}, "fail")):
@@ -308,7 +348,7 @@ class TestNoOrphans:
 
     def test_sigkill_to_the_launcher_takes_everything_down(self, tmp_path: Path) -> None:
         """The launcher is SIGKILLed: its workers die with it (PR_SET_PDEATHSIG), and the keeper takes down
-        their children, the one that left the workers' session included."""
+        their children, the one that left the workers' session included, then removes the run's timer folder."""
         script = _spawner_script(tmp_path)
         launcher = subprocess.Popen(
             [*HANGWATCH, "run", "--nproc-per-node", "2", str(script)],
@@ -316,10 +356,13 @@ class TestNoOrphans:
             stderr=subprocess.DEVNULL,
         )
         pids = _pids(tmp_path, 2)
+        timer_dir = Path((tmp_path / "dir-0").read_text())
+        assert timer_dir.is_dir()
         try:
             launcher.kill()
             launcher.wait()
             assert wait_for(lambda: all(gone(pid) for pid in pids), 20), [pid for pid in pids if not gone(pid)]
+            assert wait_for(lambda: not timer_dir.exists(), 20), "the run's timer folder was left behind"
         finally:
             for pid in pids:  # only if the test failed: never leave them running
                 if alive(pid) and not gone(pid):

@@ -102,6 +102,14 @@ class TestExpires:
         with pytest.raises(TypeError, match="acquire"):
             hangwatch.configure(object())  # type: ignore[arg-type]
 
+    def test_configure_none_removes_the_client(self) -> None:
+        """configure(None) resets the default client, as torch's does; expires() then says how to configure."""
+        hangwatch.configure(RecordingClient())
+        hangwatch.configure(None)
+        assert hangwatch.get_configured_client() is None
+        with pytest.raises(RuntimeError, match="Configure timer client"), hangwatch.expires(after=1, scope="x"):
+            pass
+
     def test_explicit_client_wins(self) -> None:
         """client= is used instead of the configured one."""
         default, mine = RecordingClient(), RecordingClient()

@@ -344,15 +344,24 @@ class ReapPolicy:
         object.__setattr__(self, "dump_timeout", _seconds("dump_timeout", dump_timeout, low=0.001, high=60))
 
     @classmethod
-    def parse(cls, text: str) -> ReapPolicy:
+    def parse(cls, text: str, *, allow_empty: bool = True) -> ReapPolicy:
         """Build a policy from text such as ``"TERM,10,KILL"`` (signals, and the grace in seconds).
 
         ``"KILL"`` is torch's behaviour; ``"TERM,10,KILL"`` sends SIGTERM, waits up to 10 s, then
         SIGKILL; ``"none"`` expires without signalling.
 
+        Args:
+            text: the policy.
+            allow_empty: whether an empty text means ``"none"`` (the launcher asks for ``none`` spelled out).
+
         Raises:
-            ValueError: the text names an unknown signal or gives more than one grace.
+            ValueError: the text names an unknown signal, gives more than one grace, or is empty
+                where that is not allowed.
         """
+        if not allow_empty and not text.strip():
+            raise ValueError(
+                "the reap policy is empty: write e.g. 'KILL' or 'TERM,10,KILL', or 'none' to expire without signalling"
+            )
         signals = []
         grace: Optional[float] = None
         for part in (p.strip() for p in text.split(",")):

@@ -465,7 +465,7 @@ _fast_sites: Dict[int, Any] = {}
 _getframe = sys._getframe
 
 
-def configure(timer_client: TimerClient) -> None:
+def configure(timer_client: Optional[TimerClient]) -> None:
     """Set the process-wide default client used by :func:`expires`; thread-safe.
 
     A hangwatch client also registers this process's stack-dump handler now (a
@@ -474,10 +474,17 @@ def configure(timer_client: TimerClient) -> None:
 
     Args:
         timer_client: the client; any object with ``acquire`` and ``release`` methods.
+            None removes the configured client, as torch's ``configure(None)`` does.
 
     Raises:
         TypeError: ``timer_client`` has no ``acquire``/``release`` methods.
     """
+    global _timer_client, _fast_client, _fast_named, _fast_sites
+    if timer_client is None:
+        with _client_lock:
+            _timer_client, _fast_client, _fast_named, _fast_sites = None, None, None, {}
+        logger.info("Timer client configuration removed")
+        return
     if not (callable(getattr(timer_client, "acquire", None)) and callable(getattr(timer_client, "release", None))):
         raise TypeError(
             f"timer_client must be a TimerClient with acquire() and release() methods (got {timer_client!r})"
@@ -485,7 +492,6 @@ def configure(timer_client: TimerClient) -> None:
     register = getattr(type(timer_client), "register_dump_handler", None)
     if callable(register):
         register(timer_client)
-    global _timer_client, _fast_client, _fast_named, _fast_sites
     with _client_lock:
         _timer_client = timer_client
         if getattr(type(timer_client), "_fast_guards", False):

@@ -18,11 +18,12 @@ import sys
 import tempfile
 import threading
 import time
-from typing import List, Optional, Set, TextIO
+from typing import Callable, List, NoReturn, Optional, Set, TextIO
 
+from . import __version__
 from ._reaper import ReapPolicy
 from .agent import FAILED, SUCCEEDED, Attempt, LocalElasticAgent, RunResult, WorkerSpec
-from .events import Event
+from .events import Event, JsonLinesSink
 from .triage import ranks_text
 
 __all__ = ["main"]
@@ -42,35 +43,67 @@ def _nproc(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
+def _seconds(low: float, high: float, *, open_low: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number of seconds in [low, high] (or (low, high] with ``open_low``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number of seconds (got {text!r})") from None
+        if not (low < value <= high if open_low else low <= value <= high):
+            bracket = "(" if open_low else "["
+            raise argparse.ArgumentTypeError(f"must be a number of seconds in {bracket}{low:g}, {high:g}] (got {text})")
+        return value
+
+    return parse
+
+
+def _count(text: str) -> int:
     try:
-        value = float(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds (got {text!r})") from None
-    if not 0 <= value <= 600:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 600 seconds (got {text})")
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
     return value
 
 
 def _policy(text: str) -> ReapPolicy:
     try:
-        return ReapPolicy.parse(text)
+        return ReapPolicy.parse(text, allow_empty=False)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, with where to look (argparse prints the whole usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hangwatch", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(
+        prog="hangwatch",
+        description="Catch stuck worker processes, explain why they were stuck, recover the job.",
+        epilog="Run 'hangwatch run --help' for the launcher's options, 'hangwatch demo' to see it at work.",
+    )
+    parser.add_argument("--version", action="version", version=f"hangwatch {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,demo}", parser_class=_Parser)
     run = commands.add_parser(
         "run",
         help="run a script in N workers, restarting the group when one fails or is reaped",
         description="Run a training script in a group of workers, like torchrun on one node.",
     )
     run.add_argument("--nproc-per-node", "--nproc_per_node", type=_nproc, default=1, help="workers (default 1)")
-    run.add_argument("--max-restarts", "--max_restarts", type=int, default=0, help="group restarts (default 0)")
+    run.add_argument("--max-restarts", "--max_restarts", type=_count, default=0, help="group restarts (default 0)")
     run.add_argument(
-        "--monitor-interval", "--monitor_interval", type=float, default=0.1, help="supervisor wait, s (default 0.1)"
+        "--monitor-interval",
+        "--monitor_interval",
+        type=_seconds(0, 3600, open_low=True),
+        default=0.1,
+        help="supervisor wait, s (default 0.1)",
     )
     run.add_argument(
         "--start-method",
@@ -87,7 +120,10 @@ def _parser() -> argparse.ArgumentParser:
         help="how stuck workers are reaped, e.g. TERM,10,KILL (default KILL)",
     )
     run.add_argument(
-        "--stop-grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when stopping the group"
+        "--stop-grace",
+        type=_seconds(0, 3600),
+        default=5.0,
+        help="seconds between SIGTERM and SIGKILL when stopping the group (default 5)",
     )
     run.add_argument("--events", default=None, metavar="FILE", help="append the timer events to FILE as JSON lines")
     run.add_argument(
@@ -104,13 +140,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--native-timeout",
-        type=_seconds,
+        type=_seconds(0, 600),
         default=3.0,
         help="the longest the native sampler may run when a hang is reported, s (default 3)",
     )
     run.add_argument("-m", "--module", action="store_true", help="run the target as a module (python -m)")
     run.add_argument("--no-python", "--no_python", action="store_true", help="run the target as a command")
-    run.add_argument("target", help="the script (or module, or command) to run")
+    run.add_argument("target", nargs="?", help="the script (or module, or command) to run")
     run.add_argument("target_args", nargs=argparse.REMAINDER, help="its arguments")
     commands.add_parser(
         "demo",
@@ -121,6 +157,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _spec_for(args: argparse.Namespace) -> WorkerSpec:
+    if args.target is None:
+        raise SystemExit("hangwatch run: say what to run: hangwatch run [options] train.py [its arguments]")
     if args.module and args.no_python:
         raise SystemExit("hangwatch run: -m and --no-python cannot be used together")
     if args.no_python:
@@ -133,8 +171,6 @@ def _spec_for(args: argparse.Namespace) -> WorkerSpec:
         mode = "--module" if args.module else "--script"
         entry = sys.executable
         entry_args = ["-u", "-m", "hangwatch._bootstrap", mode, args.target, *args.target_args]
-    if args.max_restarts < 0:
-        raise SystemExit("hangwatch run: --max-restarts must be >= 0")
     return WorkerSpec(
         local_world_size=args.nproc_per_node,
         entrypoint=entry,
@@ -309,6 +345,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the ``hangwatch`` command; return its exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     if not sys.platform.startswith("linux"):
         print("hangwatch: the launcher needs Linux (process groups, pidfds, PR_SET_PDEATHSIG)", file=sys.stderr)
         return EXIT_USAGE
@@ -316,7 +355,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _demo(sys.stderr)
     try:
         spec = _spec_for(args)
-    except (SystemExit, ValueError) as exc:
+        if args.events is not None:
+            JsonLinesSink(args.events).close()  # an unwritable events file fails now, not silently later
+    except (SystemExit, ValueError, OSError) as exc:
         print(exc if isinstance(exc, SystemExit) else f"hangwatch run: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return _run(spec, args, sys.stderr)

@@ -55,7 +55,10 @@ def configure_from_env(required: bool = True) -> Optional[TimerClient]:
         ValueError: ``HANGWATCH_REAP_POLICY`` is not a valid policy.
     """
     text = os.environ.get(ENV_REAP_POLICY)
-    policy = ReapPolicy.parse(text) if text else None
+    try:
+        policy = ReapPolicy.parse(text, allow_empty=False) if text else None
+    except ValueError as exc:
+        raise ValueError(f"{ENV_REAP_POLICY}={text!r} is not a reap policy: {exc}") from None
     socket_path = os.environ.get(ENV_TIMER_SOCKET)
     if socket_path:
         shm = SharedMemoryTimerClient(socket_path, reap_policy=policy)
