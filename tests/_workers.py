@@ -533,3 +533,85 @@ def reports_a_thread_id(conn: Any) -> None:
     ready.wait()
     conn.send(tids[0])
     time.sleep(600)
+
+
+# ----------------------------------------------------------------- hostile clients (issue 13)
+
+
+def _register_raw(path: str, slots: int) -> Any:
+    """Registers on a shared-memory server by hand: (socket, mapped slots as doubles)."""
+    import json
+    import mmap
+    import socket
+    import struct
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(path)
+    sock.send(json.dumps({"v": 1, "slots": slots, "mono": time.monotonic()}).encode())
+    _data, anc, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(4))
+    fd = struct.unpack("i", anc[0][2][:4])[0]
+    granted = json.loads(_data)["slots"]
+    view = memoryview(mmap.mmap(fd, 8 * (8 + granted))).cast("d")
+    return sock, view
+
+
+def shm_bind_flood(path: str, seconds: float, ready: Any) -> None:
+    """Floods the socket with large bind messages (pre-encoded: it sends far faster than a server parses)."""
+    import json
+
+    sock, _view = _register_raw(path, 4096)
+    message = json.dumps({"bind": [[8 + i, f"flood-scope-{i:06d}" + "x" * 200] for i in range(250)]}).encode()
+    ready.set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            sock.send(message)
+        except OSError:
+            time.sleep(0.001)
+
+
+def shm_slot_flipper(path: str, seconds: float, ready: Any) -> None:
+    """Asks for 262,144 slots, binds what it gets, and flips every one of them, over and over."""
+    import json
+
+    sock, view = _register_raw(path, 262144)
+    slots = int(view[1])  # what the server granted
+    for start in range(0, slots, 512):
+        sock.send(json.dumps({"bind": [[8 + i, f"s{i}"] for i in range(start, start + 512)]}).encode())
+    ready.set()
+    deadline = time.monotonic() + seconds
+    value = 1.0
+    while time.monotonic() < deadline:
+        value = time.monotonic() + 600 if value == 0.0 else 0.0
+        for i in range(8, 8 + slots):
+            view[i] = value
+
+
+def shm_silent_connections(path: str, count: int, conn: Any) -> None:
+    """Opens ``count`` connections and never says hello on any; reports how many stayed open after a while."""
+    import socket
+
+    socks = []
+    for _ in range(count):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(path)
+        socks.append(s)
+    conn.send("connected")
+    conn.recv()  # the test waited past the hello timeout
+    import select
+
+    open_ = 0
+    for s in socks:  # a connection the server closed is hung up (after its refusal message, if any)
+        poller = select.poll()
+        poller.register(s, select.POLLIN | select.POLLRDHUP)
+        if not any(events & (select.POLLHUP | select.POLLRDHUP) for _, events in poller.poll(0)):
+            open_ += 1
+    conn.send(open_)
+
+
+def fifo_many_scopes(path: str, scopes: int) -> None:
+    """Holds ``scopes`` distinct timers at once, then waits to be killed."""
+    client = hangwatch.FileTimerClient(path)
+    for i in range(scopes):
+        client.acquire(f"scope-{i}", time.time() + 600)
+    time.sleep(60)

@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hangwatch import FileTimerServer, LocalTimerServer, SharedMemoryTimerServer, TimerRequest
+from hangwatch import FileTimerServer, Limits, LocalTimerServer, SharedMemoryTimerServer, TimerRequest
 from hangwatch.local import WorkerRequest
 
 import _workers
@@ -46,6 +46,7 @@ FUZZ = settings(
 )
 WORKER = 4_194_000  # the one allowed "worker": a pid the recorder stands in for, never a real process's concern
 ME = os.getpid()
+EVERY_EVENT = Limits(refusal_events_per_second=None)  # every refusal is counted here: none may be rate-limited
 
 # ----------------------------------------------------------------- what a client can send
 
@@ -146,7 +147,9 @@ def fifo_server(request: Any, tmp_path: Path) -> Iterator[Tuple[FileTimerServer,
     canaries: List[int] = []
     allowed = request.param
     path = str(tmp_path / "fuzz.fifo")
-    server = FileTimerServer(path, pin=pinned_canary(canaries), allowed_pids=[WORKER] if allowed else None)
+    server = FileTimerServer(
+        path, pin=pinned_canary(canaries), allowed_pids=[WORKER] if allowed else None, limits=EVERY_EVENT
+    )
     server._open_selector()
     fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
     try:
@@ -217,7 +220,9 @@ garbage = st.one_of(
 def queue_server(request: Any) -> Iterator[Tuple[LocalTimerServer, Any, bool, List[int]]]:
     canaries: List[int] = []
     q = mp.get_context("spawn").Queue()
-    server = LocalTimerServer(q, pin=pinned_canary(canaries), allowed_pids=[WORKER] if request.param else None)
+    server = LocalTimerServer(
+        q, pin=pinned_canary(canaries), allowed_pids=[WORKER] if request.param else None, limits=EVERY_EVENT
+    )
     server._open_selector()
     try:
         yield server, q, request.param, canaries
@@ -328,7 +333,9 @@ def connect(path: str, hello: Any, server: Any) -> Tuple[socket.socket, Optional
 def shm_server(tmp_path: Path) -> Iterator[Tuple[SharedMemoryTimerServer, List[int]]]:
     canaries: List[int] = []
     # The registering peer is this test process (the kernel says so); only it may be "signalled".
-    server = SharedMemoryTimerServer(str(tmp_path / "fuzz.sock"), pin=pinned_canary(canaries), allowed_pids=[ME])
+    server = SharedMemoryTimerServer(
+        str(tmp_path / "fuzz.sock"), pin=pinned_canary(canaries), allowed_pids=[ME], limits=EVERY_EVENT
+    )
     server._open_selector()
     try:
         yield server, canaries

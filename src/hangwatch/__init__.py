@@ -28,6 +28,7 @@ from .api import RequestQueue, TimerClient, TimerRequest, TimerServer, configure
 from .env import configure_from_env
 from .events import EVENT_NAMES, Event, JsonLinesSink
 from .file import FileTimerClient, FileTimerRequest, FileTimerServer, ServerUnavailableError
+from .limits import Limits
 from .local import LocalTimerClient, LocalTimerServer, MultiprocessingRequestQueue
 from .shm import SharedMemoryTimerClient, SharedMemoryTimerServer
 
@@ -43,6 +44,7 @@ __all__ = [
     "FileTimerRequest",
     "FileTimerServer",
     "JsonLinesSink",
+    "Limits",
     "LocalTimerClient",
     "LocalTimerServer",
     "MultiprocessingRequestQueue",

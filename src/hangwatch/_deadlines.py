@@ -77,6 +77,14 @@ class DeadlineBook(Generic[W, P]):
             self._kill(entry)
         return payloads
 
+    def count_of(self, worker: W) -> int:
+        """How many timers ``worker`` holds."""
+        return len(self._by_worker.get(worker, ()))
+
+    def holds(self, worker: W, scope: str) -> bool:
+        """Whether ``worker`` holds a timer named ``scope``."""
+        return scope in self._by_worker.get(worker, ())
+
     def has_worker(self, worker: W) -> bool:
         """Whether ``worker`` holds any timer."""
         return worker in self._by_worker

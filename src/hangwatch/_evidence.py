@@ -206,6 +206,8 @@ class GroupEvidence:
         native: the native sampler, or None for Python frames only.
         native_timeout: the longest the native sampler may run, after the dumps, in seconds.
         native_note: why there is no native sampler, for the report (e.g. how to install it).
+        descendants: take the stacks of the members' descendants too (a server reaping one
+            worker outside any group asks for the worker's alone).
         pin: how a process is pinned and signalled (tests pass a recorder).
     """
 
@@ -217,9 +219,11 @@ class GroupEvidence:
         native: Optional[NativeSampler] = None,
         native_timeout: float = 3.0,
         native_note: Optional[str] = INSTALL_HINT,
+        descendants: bool = True,
         pin: Callable[[int], ProcessPin] = ProcessPin,
     ) -> None:
         self.members = dict(members)
+        self._descendants = descendants
         self._ranks = {pid: rank for rank, pid in self.members.items()}
         self._dump_timeout = dump_timeout
         self._native = native
@@ -331,11 +335,17 @@ class GroupEvidence:
         """The live workers and their descendants (one pass over /proc), each pinned."""
         children: Dict[int, List[Tuple[int, int]]] = {}
         starts: Dict[int, int] = {}
-        for pid, fields in processes():
-            if fields[0] in (b"Z", b"X"):
-                continue
-            children.setdefault(int(fields[1]), []).append((pid, int(fields[19])))
-            starts[pid] = int(fields[19])
+        if self._descendants:
+            for pid, fields in processes():
+                if fields[0] in (b"Z", b"X"):
+                    continue
+                children.setdefault(int(fields[1]), []).append((pid, int(fields[19])))
+                starts[pid] = int(fields[19])
+        else:
+            for pid in self.members.values():
+                started = start_time(pid)
+                if started is not None:
+                    starts[pid] = started
         pins: Dict[int, ProcessPin] = {}
         queue: List[Tuple[int, int, Optional[int]]] = [
             (pid, rank, None) for rank, pid in sorted(self.members.items()) if pid in starts
@@ -348,7 +358,7 @@ class GroupEvidence:
             found[pid] = evidence
             try:
                 pin = self._new_pin(pid)
-            except (ProcessLookupError, PermissionError) as exc:
+            except (OSError, OverflowError, ValueError) as exc:
                 evidence.notes.append(f"could not be pinned ({exc})")
                 continue
             if start_time(pid) != starts.get(pid):  # the pid now names a later process: leave it alone
@@ -390,7 +400,7 @@ class GroupEvidence:
                     found[target.pid].python = text
                 else:
                     found[target.pid].notes.append(
-                        f"no Python stack within {self._dump_timeout:g} s (state: {process_state(target.pid)})"
+                        f"no stack within {self._dump_timeout:g} s (worker state: {process_state(target.pid)})"
                     )
                 for rest in chain:
                     found[rest.pid].notes.append("no time was left to ask it for its Python stack")

@@ -23,7 +23,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Union
 from ._deadlines import DeadlineBook
 from ._evidence import GroupEvidence
 from ._reaper import (
-    DumpReader,
     ProcessPin,
     ReapPolicy,
     ancestor_in,
@@ -36,13 +35,12 @@ from ._reaper import (
 from ._worker import WorkerInfo, parse_identity
 from .api import RequestQueue, TimerRequest, TimerServer
 from .events import EventEmitter, EventSink, JsonLinesSink
+from .limits import Limits
 
 __all__ = ["PidTimerServer"]
 
 logger = logging.getLogger("hangwatch")
 
-# How often the size of a worker's dump file is checked while its stack is being written.
-_DUMP_POLL = 0.001
 # How long before retrying a signal that failed for a reason other than permissions or exit.
 _SIGNAL_RETRY = 1.0
 # For pins without a descriptor to watch: how often a worker being reaped is checked for its exit.
@@ -53,15 +51,14 @@ class _Reap:
     """One worker being reaped: where it is in its policy."""
 
     __slots__ = (
-        "dump_deadline",
         "first_signal_at",
         "group",
         "last_signal",
         "next_at",
+        "own",
         "pid",
         "pin",
         "policy",
-        "reader",
         "request",
         "scopes",
         "stack",
@@ -77,18 +74,12 @@ class _Reap:
         self.scopes: List[str] = []
         self.step = 0
         self.next_at = 0.0
-        self.reader: Optional[DumpReader] = None
-        self.dump_deadline = 0.0
         self.stack: Optional[str] = None
         self.stack_note: Optional[str] = None
         self.first_signal_at: Optional[float] = None
         self.last_signal = 0
-        self.group: Optional[GroupEvidence] = None  # the group's stacks this reap waits for
-
-    def close(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
-            self.reader = None
+        self.group: Optional[GroupEvidence] = None  # the stacks this reap waits for (its group's, or its own)
+        self.own: Optional[GroupEvidence] = None  # the collection of this worker's stack alone, once asked
 
     def evidence(self) -> Dict[str, Any]:
         """The stack for the event, or why there is none."""
@@ -123,6 +114,7 @@ class PidTimerServer(TimerServer):
             naming another pid are refused (see :meth:`set_allowed_pids`).
         event_file: append every event to this file as JSON lines.
         on_event: called with every :class:`~hangwatch.Event` (from the watchdog thread).
+        limits: what one client may cost this server (default :class:`~hangwatch.Limits`).
         pin: how a worker is pinned and signalled (default :class:`ProcessPin`); tests
             pass a recorder.
 
@@ -141,9 +133,13 @@ class PidTimerServer(TimerServer):
         allowed_pids: Optional[Iterable[int]] = None,
         event_file: Union[str, os.PathLike[str], None] = None,
         on_event: Optional[EventSink] = None,
+        limits: Optional[Limits] = None,
         pin: Callable[[int], ProcessPin] = ProcessPin,
     ) -> None:
         super().__init__(request_queue, max_interval, daemon)
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a hangwatch.Limits (got {limits!r})")
+        self._limits = limits or Limits()
         if on_event is not None and not callable(on_event):
             raise TypeError(f"on_event must be callable (got {on_event!r})")
         self._reap_policy = check_policy(reap_policy) or ReapPolicy()
@@ -162,7 +158,7 @@ class PidTimerServer(TimerServer):
             sinks.append(JsonLinesSink(event_file))
         if on_event is not None:
             sinks.append(on_event)
-        self._events = EventEmitter(log_event, sinks)
+        self._events = EventEmitter(log_event, sinks, rate=self._limits.refusal_events_per_second)
         self._request_count = 0
 
     # ----------------------------------------------------------------- configuration
@@ -285,6 +281,16 @@ class PidTimerServer(TimerServer):
             return
         if info is not None and info.dump_signal:
             self._dumps[pid] = (info.dump_signal, info.dump_fd)
+        cap = self._limits.timers_per_worker
+        if not book.holds(pid, scope) and book.count_of(pid) >= cap:
+            self._events.emit(
+                "limit reached",
+                worker=pid,
+                scope=scope,
+                reason=f"the worker holds {cap} timers, the most one worker may (Limits.timers_per_worker); "
+                f"this new one is refused",
+            )
+            return
         book.set(pid, scope, expiration + offset, request)
 
     def clear_timers(self, worker_ids: Set[Any]) -> None:
@@ -354,61 +360,58 @@ class PidTimerServer(TimerServer):
             if rank is not None:
                 scope = chosen.scope_id
                 group.collect(pid=worker_id, rank=rank, scope=scope, reason=f"timer {scope!r} expired")
-                job.group = group
-                job.next_at = group.deadline() or time.monotonic()
-                group.on_done(self._wake)
+                self._await_evidence(job, group)
                 return True
         self._start_evidence(job)
         return True
 
     def _start_evidence(self, job: _Reap) -> None:
-        """Ask the worker for its stack (when the policy wants one), or go on to the first signal."""
-        self._start_dump(job)
-        if job.reader is None and job.pid in self._reaps:
-            self._next_step(job)
+        """Ask the worker for its stack (when the policy wants one and it registered a handler), else signal it.
 
-    def _after_group(self, job: _Reap, group: GroupEvidence) -> None:
-        """The group's stacks are taken (or their time is up): this worker's stack comes from them."""
-        job.group = None
-        stack = group.snapshot.stack_of(job.pid) if group.snapshot is not None else None
-        if stack:
-            job.stack = stack
-            self._next_step(job)
-        else:
-            self._start_evidence(job)
-
-    def _start_dump(self, job: _Reap) -> None:
-        """Ask the worker for its stack, if the policy wants it and the worker registered a handler."""
+        The stack is taken by an evidence collector on a thread of its own: opening and
+        reading a file of the worker's never happens on the watchdog's thread (a worker
+        could put a file there that blocks in the kernel).
+        """
         if not job.policy.dump:
+            self._next_step(job)
             return
-        channel = self._dumps.get(job.pid)
-        if channel is None:
+        if job.pid not in self._dumps:
             job.stack_note = "no stack: the worker registered no dump handler (e.g. a torch client)"
+            self._next_step(job)
             return
-        signum, fd = channel
-        try:
-            reader = DumpReader(job.pid, fd)
-        except (OSError, ValueError) as exc:
-            job.stack_note = f"no stack: cannot open the worker's dump file ({exc})"
+        evidence = GroupEvidence(
+            {0: job.pid},
+            dump_timeout=job.policy.dump_timeout,
+            native=None,
+            native_note=None,
+            descendants=False,
+            pin=self._new_pin,
+        )
+        evidence.collect(pid=job.pid, scope=job.request.scope_id, reason="timer expired")
+        job.own = evidence
+        self._await_evidence(job, evidence)
+
+    def _await_evidence(self, job: _Reap, evidence: GroupEvidence) -> None:
+        """Hold the reap until ``evidence`` is taken (or its time is up); the watchdog is woken when it is."""
+        job.group = evidence
+        job.next_at = evidence.deadline() or time.monotonic()
+        evidence.on_done(self._wake)
+
+    def _after_evidence(self, job: _Reap, evidence: GroupEvidence) -> None:
+        """The stacks are taken (or their time is up): the worker's comes from them; then the first signal."""
+        job.group = None
+        snapshot = evidence.snapshot
+        if snapshot is None and evidence is not job.own:
+            self._start_evidence(job)  # the group's stacks did not come in time: ask for this worker's alone
             return
-        if not job.pin.alive():  # the file may belong to a later process with the pid
-            reader.close()
-            self._worker_gone(job.pid)
-            return
-        try:
-            job.pin.send_signal(signum)
-        except ProcessLookupError:
-            reader.close()
-            self._worker_gone(job.pid)
-            return
-        except OSError as exc:
-            reader.close()
-            job.stack_note = f"no stack: sending {signal_name(signum)} failed ({exc})"
-            return
-        job.reader = reader
-        now = time.monotonic()
-        job.dump_deadline = now + job.policy.dump_timeout
-        job.next_at = now + _DUMP_POLL
+        found = snapshot.processes.get(job.pid) if snapshot is not None else None
+        if found is not None and found.python:
+            job.stack = found.python
+        elif found is not None and found.notes:
+            job.stack_note = "; ".join(found.notes)
+        else:
+            job.stack_note = "no stack: it was not taken in time"
+        self._next_step(job)
 
     def _advance_reaps(self) -> None:
         """Move each reap whose next step is due."""
@@ -418,24 +421,10 @@ class PidTimerServer(TimerServer):
         for job in [j for j in self._reaps.values() if j.next_at <= now or (j.group is not None and j.group.done)]:
             if job.pid not in self._reaps:
                 continue  # ended by an earlier step of this round
-            group = job.group
-            if group is not None:
-                self._after_group(job, group)
-                continue
-            reader = job.reader
-            if reader is None:
+            if job.group is not None:
+                self._after_evidence(job, job.group)
+            else:
                 self._next_step(job)
-                continue
-            if not reader.settled() and now < job.dump_deadline:
-                job.next_at = now + _DUMP_POLL
-                continue
-            job.stack = reader.read() or None
-            if job.stack is None:
-                job.stack_note = (
-                    f"no stack within {job.policy.dump_timeout:g} s (worker state: {process_state(job.pid)})"
-                )
-            job.close()
-            self._next_step(job)
 
     def _next_step(self, job: _Reap) -> None:
         """Send the policy's next signal, or end the reap."""
@@ -505,7 +494,6 @@ class PidTimerServer(TimerServer):
         self._drop_reap(job)
 
     def _drop_reap(self, job: _Reap) -> None:
-        job.close()
         self._reaps.pop(job.pid, None)
 
     def _after_first_signal(self, pid: int, signum: int) -> None:
@@ -608,7 +596,6 @@ class PidTimerServer(TimerServer):
         self._release_pin(pid)
         dropped = self._book.drop_worker(pid)
         if job is not None:
-            job.close()
             details: Dict[str, Any] = {}
             if job.first_signal_at is not None:
                 details["signal"] = signal_name(job.last_signal)

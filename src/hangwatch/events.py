@@ -39,6 +39,7 @@ EVENT_NAMES: Dict[str, str] = {
     "reap failed": "a signal could not be sent, or the worker is still alive after the last signal (state given)",
     "kill server process": "torch's behaviour, opted into: the server signalled its own process after a reap",
     "hang report": "the agent's report of a failed attempt: every rank's stack, the grouping, the likely culprit",
+    "limit reached": "a client reached a limit of the server (connections, timers, scopes); what it asked is refused",
 }
 
 TORCH_EVENT_NAMES = frozenset({"watchdog started", "timer expired", "kill worker process", "watchdog stopped"})
@@ -52,6 +53,7 @@ _WARNING_EVENTS = frozenset(
         "reap failed",
         "kill server process",
         "hang report",
+        "limit reached",
     }
 )
 
@@ -240,25 +242,51 @@ def _write_all(fd: int, data: bytes) -> None:
 EventSink = Callable[[Event], None]
 
 
+# Events that a hostile or broken client can cause at will (rate-limited when the emitter has a rate).
+_RATE_LIMITED = frozenset({"bad request", "limit reached"})
+
+
 class EventEmitter:
     """Builds events and delivers them to the log, the sinks, and torch's ``log_event`` callback.
+
+    With a ``rate``, ``bad request`` and ``limit reached`` events, which a client can cause
+    at will, are rate-limited: at most ``rate`` a second after a burst of five seconds'
+    worth (at least 100); the ones left out are counted, and the next one delivered carries
+    the count (``suppressed``), as does a last summary at :meth:`close`.
 
     Args:
         log_event: torch's callback, called as ``log_event(name, request_or_None)`` for torch's
             event names only.
         sinks: callables receiving every :class:`Event` (e.g. a :class:`JsonLinesSink`).
+        rate: the rate limit of the events clients can cause, per second; None for none.
 
     An exception raised by a callback or sink is logged, never propagated.
     """
 
-    __slots__ = ("_log_event", "_sinks")
+    __slots__ = ("_allowance", "_burst", "_checked", "_lock", "_log_event", "_rate", "_sinks", "_suppressed")
 
-    def __init__(self, log_event: Optional[Callable[[str, Any], None]] = None, sinks: Iterable[EventSink] = ()) -> None:
+    def __init__(
+        self,
+        log_event: Optional[Callable[[str, Any], None]] = None,
+        sinks: Iterable[EventSink] = (),
+        rate: Optional[float] = None,
+    ) -> None:
         self._log_event = log_event
         self._sinks = tuple(sinks)
+        self._lock = threading.Lock()
+        self._rate = rate
+        self._burst = 0.0 if rate is None else max(100.0, 5 * rate)
+        self._allowance = self._burst
+        self._checked = time.monotonic()
+        self._suppressed: Dict[str, int] = {}
 
     def close(self) -> None:
-        """Close the sinks that can be closed (a JSON-lines file reopens on the next event)."""
+        """Say how many rate-limited events were left out since the last one, then close the sinks."""
+        with self._lock:
+            suppressed, self._suppressed = self._suppressed, {}
+        for name, count in suppressed.items():
+            reason = f"{count} more were left out of the events (at most {self._rate:g} a second are written)"
+            self._deliver(Event(name, time.time(), None, None, {"suppressed": count, "reason": reason}), None)
         for sink in self._sinks:
             close = getattr(sink, "close", None)
             if callable(close):
@@ -275,9 +303,26 @@ class EventEmitter:
         scope: Optional[str] = None,
         request: Any = None,
         **details: Any,
-    ) -> Event:
-        """Record one event; return it."""
+    ) -> Optional[Event]:
+        """Record one event; return it (None when a rate limit left it out)."""
+        if self._rate is not None and name in _RATE_LIMITED:
+            with self._lock:
+                now = time.monotonic()
+                self._allowance = min(self._burst, self._allowance + (now - self._checked) * self._rate)
+                self._checked = now
+                if self._allowance < 1.0:
+                    self._suppressed[name] = self._suppressed.get(name, 0) + 1
+                    return None
+                self._allowance -= 1.0
+                left_out = self._suppressed.pop(name, 0)
+            if left_out:
+                details["suppressed"] = left_out
         event = Event(name, time.time(), worker, scope, details)
+        self._deliver(event, request)
+        return event
+
+    def _deliver(self, event: Event, request: Any) -> None:
+        name = event.name
         # The record's argument is the Event itself: handlers can read it structured.
         logger.log(logging.WARNING if name in _WARNING_EVENTS else logging.INFO, "%s", event)
         for sink in self._sinks:
@@ -290,4 +335,3 @@ class EventEmitter:
                 self._log_event(name, request)
             except Exception:
                 logger.exception("The log_event callback raised on event %r", name)
-        return event

@@ -43,6 +43,7 @@ from ._reaper import VALID_SIGNALS, ProcessPin, ReapPolicy, check_policy, signal
 from ._worker import DEFAULT_DUMP_SIGNAL, check_dump_signal, identity
 from .api import RequestQueue, ServerUnavailableError, TimerClient, TimerRequest, _check_interval
 from .events import EventSink
+from .limits import Limits
 
 __all__ = ["FileTimerClient", "FileTimerRequest", "FileTimerServer", "ServerUnavailableError"]
 
@@ -532,6 +533,7 @@ class FileTimerServer(PidTimerServer):
         on_event: called with every :class:`~hangwatch.Event`.
         signal_self: torch's behaviour: after reaping a worker, send the same signal to this
             server's own process (usually ending it). Off by default.
+        limits: what one client may cost this server (default :class:`~hangwatch.Limits`).
         pin: how a worker is pinned and signalled (tests pass a recorder).
 
     Raises:
@@ -553,6 +555,7 @@ class FileTimerServer(PidTimerServer):
         event_file: Union[str, os.PathLike[str], None] = None,
         on_event: Optional[EventSink] = None,
         signal_self: bool = False,
+        limits: Optional[Limits] = None,
         pin: Callable[[int], ProcessPin] = ProcessPin,
     ) -> None: ...
 
@@ -570,6 +573,7 @@ class FileTimerServer(PidTimerServer):
         event_file: Union[str, os.PathLike[str], None] = None,
         on_event: Optional[EventSink] = None,
         signal_self: bool = False,
+        limits: Optional[Limits] = None,
         pin: Callable[[int], ProcessPin] = ProcessPin,
     ) -> None: ...
 
@@ -663,7 +667,7 @@ class FileTimerServer(PidTimerServer):
         return f"FileTimerServer({self._file_path!r}, run_id={self._run_id!r})"
 
 
-_SERVER_EXTRAS = frozenset({"reap_policy", "allowed_pids", "event_file", "on_event", "pin"})
+_SERVER_EXTRAS = frozenset({"reap_policy", "allowed_pids", "event_file", "on_event", "limits", "pin"})
 
 
 def _server_args(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[str, float, bool, Any]:

@@ -27,6 +27,7 @@ from ._reaper import ProcessPin, ReapPolicy, check_policy
 from ._worker import DEFAULT_DUMP_SIGNAL, check_dump_signal, identity
 from .api import RequestQueue, ServerUnavailableError, TimerClient, TimerRequest, _check_interval
 from .events import EventSink
+from .limits import Limits
 
 __all__ = ["LocalTimerClient", "LocalTimerServer", "MultiprocessingRequestQueue", "WorkerRequest"]
 
@@ -483,6 +484,7 @@ class LocalTimerServer(PidTimerServer):
         allowed_pids: if given, only these pids are ever signalled (see ``set_allowed_pids``).
         event_file: append every event to this file as JSON lines.
         on_event: called with every :class:`~hangwatch.Event`.
+        limits: what one client may cost this server (default :class:`~hangwatch.Limits`).
         pin: how a worker is pinned and signalled (tests pass a recorder).
 
     Raises:
@@ -501,6 +503,7 @@ class LocalTimerServer(PidTimerServer):
         allowed_pids: Optional[Iterable[int]] = None,
         event_file: Union[str, os.PathLike[str], None] = None,
         on_event: Optional[EventSink] = None,
+        limits: Optional[Limits] = None,
         pin: Callable[[int], ProcessPin] = ProcessPin,
     ) -> None:
         super().__init__(
@@ -512,5 +515,6 @@ class LocalTimerServer(PidTimerServer):
             allowed_pids=allowed_pids,
             event_file=event_file,
             on_event=on_event,
+            limits=limits,
             pin=pin,
         )

@@ -52,6 +52,7 @@ from ._reaper import ProcessPin, ReapPolicy, check_policy, pidfd_identity
 from ._worker import DEFAULT_DUMP_SIGNAL, WorkerInfo, check_dump_signal, identity, parse_identity
 from .api import RequestQueue, ServerUnavailableError, TimerClient, TimerRequest, _check_interval
 from .events import EventSink
+from .limits import Limits
 from .local import WorkerRequest
 
 __all__ = ["SharedMemoryTimerClient", "SharedMemoryTimerServer"]
@@ -80,6 +81,12 @@ _MAX_SLOTS = 1 << 20
 _CHUNK = 4096
 # The longest a worker's slots go unread (it also keeps the heartbeat fresh, well within _STALE).
 _MAX_SCAN = 0.25
+# Work one worker may cause in one round of the watchdog (the rest waits for the next round, after the others):
+_DRAIN_MESSAGES = 64  # socket messages read
+_SLOTS_PER_READ = 4096  # changed slots turned into requests
+_ACCEPTS_PER_ROUND = 64  # connections accepted
+# When accept() fails for want of descriptors or memory, how long before it is tried again.
+_ACCEPT_PAUSE = 0.5
 _SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 _F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
 # The seals a worker requires of the server's file: it can neither shrink nor grow, nor lose its seals.
@@ -460,7 +467,13 @@ class SharedMemoryTimerClient(TimerClient):
             if self._min_after < math.inf:
                 hello["after"] = self._min_after
             hello.update(identity(self._dump_signal, self._reap_policy, server_policy=True))
-            sock.sendall(json.dumps(hello).encode())
+            try:
+                sock.sendall(json.dumps(hello).encode())
+            except OSError as exc:  # refused before the hello arrived: its answer may wait on the socket
+                data = _recv_now(sock, _MAX_MESSAGE) or b""
+                if data:
+                    self._map(data, [])
+                raise ServerUnavailableError(f"the server on {self._path} closed the connection ({exc})") from exc
             try:
                 data, ancdata, _flags, _addr = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(struct.calcsize("i")))
             except OSError as exc:
@@ -574,6 +587,8 @@ class _Region:
     """One registered worker: its connection, its file, and what the server last saw in it."""
 
     __slots__ = (
+        "accepted_at",
+        "backlog",
         "capacity",
         "every",
         "info",
@@ -596,7 +611,9 @@ class _Region:
         self.view: Optional[_View] = None
         self.capacity = 0
         self.used = 0  # slots scanned: every slot up to the highest bound one
-        self.snap = b""
+        self.snap = bytearray()  # the slots as last turned into requests
+        self.accepted_at = _monotonic()
+        self.backlog = False  # messages may wait on the socket (the last drain stopped at its limit)
         self.names: Dict[int, str] = {}
         self.info: Optional[WorkerInfo] = None
         self.infos: Dict[int, WorkerInfo] = {}  # slot -> identity with that slot's own policy
@@ -642,6 +659,7 @@ class _SlotQueue(RequestQueue):
         self._regions: Dict[int, _Region] = {}  # connection fd -> region
         self._pending: List[TimerRequest] = []
         self._accept_ready = True
+        self._paused_until = 0.0  # accept() is paused until then (it failed for want of descriptors)
 
     def fileno(self) -> int:
         return self._listener.fileno()
@@ -664,13 +682,16 @@ class _SlotQueue(RequestQueue):
 
     def _accept(self) -> None:
         self._accept_ready = False
-        while True:
+        for _ in range(_ACCEPTS_PER_ROUND):
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                logger.error("hangwatch: accept() on %s failed: %s", self._server.socket_path, exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting(exc)
+                else:
+                    logger.error("hangwatch: accept() on %s failed: %s", self._server.socket_path, exc)
                 return
             sock.setblocking(False)
             pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
@@ -678,14 +699,72 @@ class _SlotQueue(RequestQueue):
             if uid not in (os.geteuid(), 0):  # the socket's mode already keeps others out
                 self._refuse(region, f"uid {uid} is not this server's user")
                 continue
+            over = self._over_limit(pid)
+            if over is not None:
+                self._refuse(region, over, event="limit reached")
+                continue
+            self._make_room_for_a_hello()
             # allowed_pids is applied when a timer arrives (as on the other transports): a worker's
             # own subprocess may register, its timers are refused with an event, and it keeps running.
             fd = sock.fileno()
             self._regions[fd] = region
             self._server._watch_fd(fd, functools.partial(self._readable, fd))
+        self._accept_ready = True  # more may wait: the next round takes them, after the others' work
 
-    def _refuse(self, region: _Region, reason: str) -> None:
-        self._server._events.emit("bad request", worker=region.pid, reason=f"registration refused: {reason}")
+    def _over_limit(self, pid: int) -> Optional[str]:
+        """Why a new connection of ``pid`` would exceed the server's limits, or None."""
+        limits = self._server._limits
+        mine = registered = 0
+        for region in self._regions.values():
+            mine += region.pid == pid
+            registered += region.view is not None
+        if mine >= limits.connections_per_process:
+            return f"pid {pid} holds {mine} connections, the most one process may (Limits.connections_per_process)"
+        if registered >= limits.workers:
+            return f"{registered} processes are registered, the most the server serves (Limits.workers)"
+        return None
+
+    def _make_room_for_a_hello(self) -> None:
+        """At most ``Limits.waiting_connections`` wait to say hello: the oldest is closed for the newcomer.
+
+        An honest client says hello at once; a connection that has waited longest is the likeliest
+        to be silent, so silent connections can never keep an honest worker from registering.
+        """
+        waiting = [(r.accepted_at, fd) for fd, r in self._regions.items() if r.view is None]
+        cap = self._server._limits.waiting_connections
+        if len(waiting) < cap:
+            return
+        for _, fd in sorted(waiting)[: len(waiting) - cap + 1]:
+            region = self._regions.pop(fd)
+            self._server._unwatch_fd(fd)
+            reason = f"{cap} connections wait to say hello, the most the server keeps (Limits.waiting_connections); "
+            self._refuse(region, reason + "the oldest is closed for a newcomer", event="limit reached")
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """accept() failed for want of descriptors or memory: stop watching the socket for a moment (no spin)."""
+        self._server._unwatch_fd(self._listener.fileno())
+        self._paused_until = _monotonic() + _ACCEPT_PAUSE
+        self._server._events.emit(
+            "limit reached",
+            reason=f"cannot accept connections on {self._server.socket_path} ({exc.strerror}); "
+            f"trying again in {_ACCEPT_PAUSE:g} s",
+        )
+
+    def _resume_accepting(self) -> None:
+        self._paused_until = 0.0
+        self._accept_ready = True
+        self._server._watch_fd(self._listener.fileno(), self._listener_readable)
+
+    def _listener_readable(self) -> None:
+        self._accept_ready = True
+
+    def _refuse(self, region: _Region, reason: str, event: str = "bad request") -> None:
+        self._server._events.emit(event, worker=region.pid, reason=f"registration refused: {reason}")
+        try:
+            while _recv_now(region.sock, _MAX_MESSAGE):  # unread input would reset the connection and lose the answer
+                pass
+        except OSError:
+            pass
         try:
             region.sock.send(json.dumps({"error": reason}).encode())
         except OSError:
@@ -719,10 +798,12 @@ class _SlotQueue(RequestQueue):
     def _drain(self, region: _Region) -> None:
         """Read the worker's messages: its hello, then scope names and policies; drop it at end-of-file."""
         fd = region.sock.fileno()
-        while True:
+        region.backlog = True  # until the socket is seen empty
+        for _ in range(_DRAIN_MESSAGES):  # bounded: a flood waits for later rounds, after the others' work
             try:
                 data = region.sock.recv(_MAX_MESSAGE)
             except (BlockingIOError, InterruptedError):
+                region.backlog = False
                 return
             except OSError:
                 data = b""
@@ -820,14 +901,14 @@ class _SlotQueue(RequestQueue):
             old = region.names.get(slot)
             used = slot - _HEADER + 1
             if used > region.used:
-                region.snap += bytes((used - region.used) * _SLOT_BYTES)
+                region.snap.extend(bytes((used - region.used) * _SLOT_BYTES))
                 region.used = used
             elif old is not None and old != name:
                 # A recycled slot (released by the worker): forget what was seen under the old name.
                 at = (slot - _HEADER) * _SLOT_BYTES
                 if region.snap[at : at + _SLOT_BYTES] != bytes(_SLOT_BYTES):
                     self._pending.append(TimerRequest(region.pid, old, -1))
-                    region.snap = region.snap[:at] + bytes(_SLOT_BYTES) + region.snap[at + _SLOT_BYTES :]
+                    region.snap[at : at + _SLOT_BYTES] = bytes(_SLOT_BYTES)
             region.names[slot] = name
             region.infos.pop(slot, None)
         for slot, wire in message.get("policy", ()):
@@ -846,8 +927,11 @@ class _SlotQueue(RequestQueue):
     # ----------------------------------------------------------------- scanning
 
     def next_scan_in(self) -> Optional[float]:
-        """Seconds until a worker's slots are due to be read, or None with no worker registered."""
-        due = [r.next_scan for r in self._regions.values() if r.view is not None]
+        """Seconds until a worker's slots are due to be read (or other timed work is due), or None."""
+        hello_timeout = self._server._limits.hello_timeout
+        due = [r.next_scan if r.view is not None else r.accepted_at + hello_timeout for r in self._regions.values()]
+        if self._paused_until:
+            due.append(self._paused_until)
         return max(0.0, min(due) - _monotonic()) if due else None
 
     def rescan(self, pids: Iterable[int]) -> List[TimerRequest]:
@@ -861,10 +945,19 @@ class _SlotQueue(RequestQueue):
         return out
 
     def _scan(self) -> None:
-        """Read the slots of every worker that is due."""
+        """Read the slots of every worker that is due; close connections that never said hello."""
         now = _monotonic()
+        if self._paused_until and now >= self._paused_until:
+            self._resume_accepting()
+        hello_timeout = self._server._limits.hello_timeout
         for fd, region in list(self._regions.items()):
-            if region.next_scan <= now:
+            if region.view is None:
+                if now - region.accepted_at > hello_timeout:
+                    self._regions.pop(fd, None)
+                    self._server._unwatch_fd(fd)
+                    reason = f"no hello within {hello_timeout:g} s (Limits.hello_timeout); disconnected"
+                    self._refuse(region, reason, event="limit reached")
+            elif region.next_scan <= now:
                 self._read(fd, region, now)
 
     def _read(self, fd: int, region: _Region, now: float) -> None:
@@ -874,27 +967,30 @@ class _SlotQueue(RequestQueue):
             return
         region.next_scan = now + region.every
         end = (_HEADER + region.used) * _SLOT_BYTES
-        snap = mm[_HEADER * _SLOT_BYTES : end]
-        if snap != region.snap:
+        current = mm[_HEADER * _SLOT_BYTES : end]
+        if current != region.snap:
             self._drain(region)  # names travel before the stores that use them
             if fd not in self._regions:
                 return
             if (_HEADER + region.used) * _SLOT_BYTES != end:
-                snap = mm[_HEADER * _SLOT_BYTES : (_HEADER + region.used) * _SLOT_BYTES]
-            self._changes(region, region.snap, snap, now)
-            region.snap = snap
+                current = mm[_HEADER * _SLOT_BYTES : (_HEADER + region.used) * _SLOT_BYTES]
+            if not self._changes(region, current, now):
+                region.next_scan = now  # more changed than one round takes: the rest at the next round
         if region.view[_REFUSED] != 1.0:  # a refused worker's stale heartbeat tells it at its next block
             region.view[_HEARTBEAT] = now - region.offset
 
-    def _changes(self, region: _Region, old: bytes, new: bytes, now: float) -> None:
+    def _changes(self, region: _Region, new: bytes, now: float) -> bool:
+        """Turn the slots that changed since the last read into requests, up to a bound; True if all were."""
         to_wall = time.time() - now + region.offset
         pending = self._pending
+        snap = region.snap
+        budget = _SLOTS_PER_READ
         assert region.info is not None
         for base in range(0, len(new), _CHUNK):
             chunk = new[base : base + _CHUNK]
-            if chunk == old[base : base + _CHUNK]:
+            before = bytes(snap[base : base + _CHUNK])
+            if chunk == before:
                 continue
-            before = old[base : base + _CHUNK]
             for j in range(0, len(chunk), _SLOT_BYTES):
                 if chunk[j : j + _SLOT_BYTES] == before[j : j + _SLOT_BYTES]:
                     continue
@@ -902,12 +998,13 @@ class _SlotQueue(RequestQueue):
                 (value,) = struct.unpack_from("d", chunk, j)
                 name = region.names.get(slot)
                 if name is None:
+                    if region.backlog:
+                        continue  # its name may still wait on the socket: read the slot again later
                     if value != 0.0:
                         self._server._events.emit(
                             "bad request", worker=region.pid, reason=f"slot {slot} written before it was named"
                         )
-                    continue
-                if value <= 0.0:
+                elif value <= 0.0:
                     if struct.unpack_from("d", before, j)[0] > 0.0:
                         pending.append(TimerRequest(region.pid, name, -1))
                 elif math.isfinite(value):
@@ -917,6 +1014,11 @@ class _SlotQueue(RequestQueue):
                     self._server._events.emit(
                         "bad request", worker=region.pid, scope=name, reason=f"deadline {value!r} is not finite"
                     )
+                snap[base + j : base + j + _SLOT_BYTES] = chunk[j : j + _SLOT_BYTES]
+                budget -= 1
+                if budget == 0:
+                    return False
+        return True
 
     def close(self) -> None:
         for fd in list(self._regions):
@@ -941,12 +1043,16 @@ class SharedMemoryTimerServer(PidTimerServer):
             worker's slots are read at least twice per its shortest timeout (at most every
             0.25 s), and again just before any of its timers is taken as expired. A timer
             shorter than twice this is reaped at most this late (default 5 ms).
-        max_slots: the most slots (distinct scopes held at once) one worker may get.
+        max_slots: the most slots (distinct scopes held at once) one worker may get (default
+            65,536: half a megabyte of shared memory per worker; at most 1,048,576).
         reap_policy: how workers are reaped unless their client chose a policy
             (default: stack dump if registered, then SIGKILL).
         allowed_pids: if given, only these pids are ever signalled (see ``set_allowed_pids``).
         event_file: append every event to this file as JSON lines.
         on_event: called with every :class:`~hangwatch.Event`.
+        limits: what one client may cost this server (default :class:`~hangwatch.Limits`):
+            connections per process, connections waiting to say hello, the hello timeout,
+            processes registered at once, the refusal events' rate.
         pin: how a worker is pinned and signalled (tests pass a recorder).
 
     Raises:
@@ -963,11 +1069,12 @@ class SharedMemoryTimerServer(PidTimerServer):
         log_event: Optional[Callable[[str, Any], None]] = None,
         *,
         scan_interval: float = 0.005,
-        max_slots: int = _MAX_SLOTS,
+        max_slots: int = _DEFAULT_SLOTS,
         reap_policy: Optional[ReapPolicy] = None,
         allowed_pids: Optional[Iterable[int]] = None,
         event_file: Union[str, os.PathLike[str], None] = None,
         on_event: Optional[EventSink] = None,
+        limits: Optional[Limits] = None,
         pin: Callable[[int], ProcessPin] = ProcessPin,
     ) -> None:
         _require_linux("SharedMemoryTimerServer")
@@ -987,6 +1094,7 @@ class SharedMemoryTimerServer(PidTimerServer):
                 allowed_pids=allowed_pids,
                 event_file=event_file,
                 on_event=on_event,
+                limits=limits,
                 pin=pin,
             )
         except BaseException:
