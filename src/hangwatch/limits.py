@@ -36,7 +36,7 @@ class Limits:
         ValueError: a cap is not a positive number.
     """
 
-    timers_per_worker: int = 65536
+    timers_per_worker: int = 16384
     connections_per_process: int = 8
     waiting_connections: int = 64
     hello_timeout: float = 5.0

@@ -76,6 +76,8 @@ _RECHECK = 0.1
 _MAX_SCOPE_BYTES = 4096
 _MAX_MESSAGE = 1 << 16
 _DEFAULT_SLOTS = 65536
+# What a server grants one worker by default: 128 KB of shared memory, and a bound on the names it keeps.
+_SERVER_SLOTS = 16384
 _MAX_SLOTS = 1 << 20
 # The server compares snapshots this many bytes at a time to find the changed slots.
 _CHUNK = 4096
@@ -1044,7 +1046,7 @@ class SharedMemoryTimerServer(PidTimerServer):
             0.25 s), and again just before any of its timers is taken as expired. A timer
             shorter than twice this is reaped at most this late (default 5 ms).
         max_slots: the most slots (distinct scopes held at once) one worker may get (default
-            65,536: half a megabyte of shared memory per worker; at most 1,048,576).
+            16,384: 128 KB of shared memory per worker; at most 1,048,576).
         reap_policy: how workers are reaped unless their client chose a policy
             (default: stack dump if registered, then SIGKILL).
         allowed_pids: if given, only these pids are ever signalled (see ``set_allowed_pids``).
@@ -1069,7 +1071,7 @@ class SharedMemoryTimerServer(PidTimerServer):
         log_event: Optional[Callable[[str, Any], None]] = None,
         *,
         scan_interval: float = 0.005,
-        max_slots: int = _DEFAULT_SLOTS,
+        max_slots: int = _SERVER_SLOTS,
         reap_policy: Optional[ReapPolicy] = None,
         allowed_pids: Optional[Iterable[int]] = None,
         event_file: Union[str, os.PathLike[str], None] = None,
