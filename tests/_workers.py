@@ -615,3 +615,24 @@ def fifo_many_scopes(path: str, scopes: int) -> None:
     for i in range(scopes):
         client.acquire(f"scope-{i}", time.time() + 600)
     time.sleep(60)
+
+
+def reports_environ_token(pid_file: str) -> None:
+    """A function worker: writes its pid, then waits to be stopped."""
+    with open(pid_file, "w") as f:
+        f.write(str(__import__("os").getpid()))
+    time.sleep(60)
+
+
+def forks_an_escaping_grandchild(pid_file: str) -> None:
+    """A function worker (fork start method): forks a child that leaves for a session of its own, without exec."""
+    import os
+
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        time.sleep(300)
+        os._exit(0)
+    with open(pid_file, "w") as f:
+        f.write(str(child))
+    time.sleep(300)

@@ -390,3 +390,113 @@ class TestNoOrphans:
             for pid in children:
                 if alive(pid) and not gone(pid):
                     os.kill(pid, signal.SIGKILL)
+
+
+def _cgroups_here() -> str:
+    """Why the run cannot have a cgroup here, or "" if it can."""
+    from hangwatch._cgroup import RunCgroup
+
+    probe = RunCgroup.create(f"hangwatch-probe-{os.getpid()}")
+    if probe is None:
+        return "no writable cgroup v2 here (the run's cgroup is off; process groups and the token remain)"
+    probe.remove()
+    return ""
+
+
+class TestKeeperGaps:
+    def test_a_spawned_function_worker_is_born_with_the_run_token(self, tmp_path: Path) -> None:
+        """The token is in /proc/PID/environ, where the keeper reads it (os.environ.update never reaches it)."""
+        from hangwatch._keeper import TOKEN_VARIABLE
+
+        pid_file = tmp_path / "pid"
+        spec = WorkerSpec(entrypoint=_workers.reports_environ_token, args=(str(pid_file),), max_restarts=0)
+        agent = LocalElasticAgent(spec, stop_grace=0.5)
+        seen: List[bytes] = []
+
+        def look_then_stop() -> None:
+            wait_for(lambda: pid_file.exists() and pid_file.read_text(), 30)
+            with open(f"/proc/{pid_file.read_text()}/environ", "rb") as f:
+                seen.append(f.read())
+            agent.interrupt()
+
+        looker = threading.Thread(target=look_then_stop)
+        looker.start()
+        agent.run()
+        looker.join()
+        assert f"{TOKEN_VARIABLE}={agent._token}".encode() in seen[0]
+        assert TOKEN_VARIABLE not in os.environ  # set only while the worker was started
+
+    def test_the_token_as_the_first_variable_is_found(self) -> None:
+        """A process whose environment starts with the token is swept (the match once needed a NUL before it)."""
+        from hangwatch._keeper import TOKEN_VARIABLE, sweep
+
+        token = "firstvariable" + str(os.getpid())
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)"], env={TOKEN_VARIABLE: token}, start_new_session=True
+        )
+        try:
+            time.sleep(0.2)
+            assert proc.pid in sweep(token, {})
+            assert proc.wait(10) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    @pytest.mark.skipif(bool(_cgroups_here()), reason=_cgroups_here() or "runs")
+    def test_a_clean_child_in_its_own_session_dies_with_a_sigkilled_launcher(self, tmp_path: Path) -> None:
+        """A worker's child with an empty environment in a session of its own: only the run's cgroup holds it,
+        and the keeper kills it when the launcher is SIGKILLed."""
+        script = write(
+            tmp_path / "clean.py",
+            f"""
+            import os, subprocess, sys, time
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], env={{}},
+                                     start_new_session=True)
+            with open(os.path.join({str(tmp_path)!r}, "child"), "w") as f:
+                f.write(str(child.pid))
+            time.sleep(300)
+            """,
+        )
+        launcher = subprocess.Popen(
+            [*HANGWATCH, "run", str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        child_file = tmp_path / "child"
+        try:
+            assert wait_for(lambda: child_file.exists() and child_file.read_text(), 30)
+            child = int(child_file.read_text())
+            launcher.kill()
+            launcher.wait()
+            assert wait_for(lambda: gone(child), 20), "the clean child outlived the launcher"
+        finally:
+            if child_file.exists() and child_file.read_text() and not gone(int(child_file.read_text())):
+                os.kill(int(child_file.read_text()), signal.SIGKILL)
+
+    def test_fork_started_workers_do_not_keep_the_keeper_waiting(self, tmp_path: Path) -> None:
+        """With the fork start method the workers once inherited the keeper's pipe, so a SIGKILLed agent's keeper
+        never swept: a grandchild that left for its own session lived on."""
+        pid_file = tmp_path / "grandchild"
+        code = textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            import _workers
+            from hangwatch.agent import LocalElasticAgent, WorkerSpec
+            spec = WorkerSpec(entrypoint=_workers.forks_an_escaping_grandchild, args=({str(pid_file)!r},))
+            LocalElasticAgent(spec, "fork").run()
+            """
+        )
+        agent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        grandchild = -1
+        try:
+            assert wait_for(lambda: pid_file.exists() and pid_file.read_text(), 30)
+            grandchild = int(pid_file.read_text())
+            agent.kill()
+            agent.wait()
+            assert wait_for(lambda: gone(grandchild), 20), "the grandchild outlived the SIGKILLed agent"
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+            if grandchild > 0 and not gone(grandchild):
+                os.kill(grandchild, signal.SIGKILL)

@@ -20,6 +20,8 @@ import signal
 import sys
 from typing import List, Optional
 
+from ._cgroup import join_from_env
+
 __all__ = ["die_with_parent", "let_parent_trace", "main"]
 
 _PR_SET_PDEATHSIG = 1
@@ -63,6 +65,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     mode, target, rest = args[0], args[1], args[2:]
     die_with_parent(parent)
     let_parent_trace(parent)
+    join_from_env()  # into the run's cgroup before anything else runs: all this process starts is born there
     if mode == "--exec":
         try:
             os.execvp(target, [target, *rest])

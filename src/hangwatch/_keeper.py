@@ -18,10 +18,14 @@ none is left:
   first holder started in would take wrapping the whole pid space in that tick).
 
 The agent stops each group itself on every path it survives; the keeper's sweep
-then finds nothing. Last, it removes the agent's folder (its timer FIFO and socket)
-if the agent could not. Run as ``python -m hangwatch._keeper TOKEN`` with the pipe on
-stdin; lines ``+ PGID START`` and ``- PGID`` add and remove groups, ``d HEXPATH DEV INO``
-names the folder.
+then finds nothing. Then it kills what is left in the run's cgroup, where the agent
+could make one (see :mod:`hangwatch._cgroup`: it holds what the token and the groups
+miss, such as a child with a clean environment in a session of its own), and last it
+removes the agent's folder (its timer FIFO and socket) if the agent could not. A
+fork of the agent (a worker started with the fork method) closes its copy of the pipe,
+or the keeper would wait for it. Run as ``python -m hangwatch._keeper TOKEN`` with the
+pipe on stdin; lines ``+ PGID START`` and ``- PGID`` add and remove groups,
+``c HEXPATH`` names the cgroup, ``d HEXPATH DEV INO`` the folder.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ import stat
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Set, Tuple
+import weakref
+from typing import IO, Dict, List, Optional, Set, Tuple
 
+from ._cgroup import kill_cgroup, remove_cgroup
 from ._reaper import processes, start_time
 
 __all__ = ["TOKEN_VARIABLE", "Keeper", "main", "sweep"]
@@ -45,9 +51,10 @@ _PAUSE = 0.05
 
 
 def _marked(pid: int, needle: bytes) -> bool:
+    """Whether ``pid``'s environment holds ``needle`` (``\\0NAME=VALUE\\0``), the first variable included."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            return needle in f.read()
+            return needle in b"\0" + f.read()
     except OSError:  # gone, or another user's
         return False
 
@@ -90,6 +97,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         signal.signal(signum, signal.SIG_IGN)
     groups: Dict[int, Optional[int]] = {}
     folders: Dict[str, Tuple[int, int]] = {}
+    cgroups: List[str] = []
     for line in sys.stdin.buffer:
         parts = line.split()
         try:
@@ -99,9 +107,14 @@ def main(argv: Optional[List[str]] = None) -> None:
                 groups.pop(int(parts[1]), None)
             elif len(parts) == 4 and parts[0] == b"d":
                 folders[os.fsdecode(bytes.fromhex(parts[1].decode()))] = (int(parts[2]), int(parts[3]))
+            elif len(parts) == 2 and parts[0] == b"c":
+                cgroups.append(os.fsdecode(bytes.fromhex(parts[1].decode())))
         except ValueError:
             continue
     killed = sweep(args[0], groups)
+    for path in cgroups:  # everything the workers started, whatever its session or environment
+        killed += [pid for pid in kill_cgroup(path) if pid not in killed]
+        remove_cgroup(path)
     if killed:
         print(
             f"hangwatch: the agent is gone; killed {len(killed)} leftover worker process(es): {sorted(killed)}",
@@ -135,7 +148,18 @@ class Keeper:
             close_fds=True,
         )
         assert self._process.stdin is not None
-        self._pipe = self._process.stdin
+        self._pipe: Optional[IO[bytes]] = self._process.stdin
+        _KEEPERS.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A fork of the agent (a fork-started worker) must not hold the pipe: the keeper waits for its end."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            try:
+                raw = pipe.detach()  # type: ignore[attr-defined]
+                raw.close()
+            except (OSError, ValueError):
+                pass
 
     @property
     def pid(self) -> int:
@@ -143,9 +167,12 @@ class Keeper:
         return self._process.pid
 
     def _send(self, line: str) -> None:
+        pipe = self._pipe
+        if pipe is None:
+            return
         try:
-            self._pipe.write(line.encode())
-            self._pipe.flush()
+            pipe.write(line.encode())
+            pipe.flush()
         except (BrokenPipeError, ValueError):
             pass  # the keeper died: the agent still stops its groups itself
 
@@ -153,6 +180,10 @@ class Keeper:
         """A worker started, leading process group ``pgid``."""
         started = start_time(pgid)
         self._send(f"+ {pgid} {'-' if started is None else started}\n")
+
+    def hold(self, cgroup: str) -> None:
+        """The run's cgroup: what is left in it is killed, and it is removed, when the agent is gone."""
+        self._send(f"c {os.fsencode(cgroup).hex()}\n")
 
     def own(self, folder: str) -> None:
         """The agent's folder (for its timer FIFO and socket): removed if the agent dies without removing it."""
@@ -165,8 +196,10 @@ class Keeper:
 
     def close(self, timeout: float = 10.0) -> None:
         """End the keeper (it sweeps once, finding nothing when the agent stopped everything) and wait for it."""
+        pipe, self._pipe = self._pipe, None
         try:
-            self._pipe.close()
+            if pipe is not None:
+                pipe.close()
         except BrokenPipeError:
             pass
         try:
@@ -174,6 +207,18 @@ class Keeper:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+
+
+_KEEPERS: weakref.WeakSet[Keeper] = weakref.WeakSet()
+
+
+def _close_keeper_pipes_in_child() -> None:
+    for keeper in list(_KEEPERS):
+        keeper._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_keeper_pipes_in_child)
 
 
 if __name__ == "__main__":

@@ -24,18 +24,22 @@ without set-up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
 import select
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
 import uuid
-from typing import IO, Any, Callable, Dict, List, Optional, Tuple
+from multiprocessing import resource_tracker
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from .._cgroup import ENV_CGROUP, RunCgroup
 from .._evidence import GroupEvidence
 from .._keeper import TOKEN_VARIABLE, Keeper
 from .._native import INSTALL_HINT, NativeSampler, native_available
@@ -104,6 +108,10 @@ class LocalElasticAgent:
             sampler (pystack, ``pip install 'hangwatch[native]'``) is installed; ``"off"``: never.
         native_timeout: the longest the native sampler may run when a group's stacks are
             taken, in seconds (the first reap of the group waits for it).
+        cgroup: hold the workers and everything they start in a cgroup v2 of the run where
+            one can be made (Linux, with write access to this process's cgroup): the group
+            stop and the keeper then reach even a child with a clean environment in a session
+            of its own. Elsewhere process groups and the run token do it alone.
 
     Raises:
         ValueError: ``start_method``, ``timer``, ``native_stacks`` or a time is invalid.
@@ -126,6 +134,7 @@ class LocalElasticAgent:
         on_attempt: Optional[Callable[[Attempt], None]] = None,
         native_stacks: str = "auto",
         native_timeout: float = 3.0,
+        cgroup: bool = True,
     ) -> None:
         if not isinstance(spec, WorkerSpec):
             raise TypeError(f"spec must be a hangwatch.agent.WorkerSpec (got {spec!r})")
@@ -168,6 +177,8 @@ class LocalElasticAgent:
         self._events: Optional[EventEmitter] = None
         self._keeper: Optional[Keeper] = None
         self._token = uuid.uuid4().hex
+        self._use_cgroup = bool(cgroup)
+        self._cgroup: Optional[RunCgroup] = None
 
     # ------------------------------------------------------------------ public
 
@@ -192,6 +203,10 @@ class LocalElasticAgent:
             if self._subreaper:
                 set_child_subreaper()
             self._keeper = start_keeper(self._token)
+            if self._use_cgroup and sys.platform.startswith("linux"):
+                self._cgroup = RunCgroup.create(f"hangwatch-{self._token[:16]}")
+                if self._cgroup is not None and self._keeper is not None:
+                    self._keeper.hold(self._cgroup.path)
             if self._timer != "off":
                 timer_dir = tempfile.mkdtemp(prefix="hangwatch-")
                 if self._keeper is not None:
@@ -203,6 +218,12 @@ class LocalElasticAgent:
                 server.stop()
             self._servers = []
             self._events.close()
+            if self._cgroup is not None:
+                left = self._cgroup.kill()  # nothing, unless a worker's child escaped every group stop
+                if left:
+                    logger.warning("killed %d process(es) left in the run's cgroup: %s", len(left), left)
+                self._cgroup.remove()
+                self._cgroup = None
             if timer_dir is not None:
                 shutil.rmtree(timer_dir, ignore_errors=True)
             if self._keeper is not None:
@@ -295,7 +316,7 @@ class LocalElasticAgent:
             elif outcome == SUCCEEDED:
                 values = self._collect_results(workers)
             last = {w.rank: w.status() for w in workers}  # who had ended before the group stop
-            finals = stop_group(workers, before, self._stop_grace, self._subreaper)
+            finals = stop_group(workers, before, self._stop_grace, self._subreaper, self._cgroup)
         finally:
             for server in self._servers:
                 server.set_group(None)
@@ -456,6 +477,7 @@ class LocalElasticAgent:
             ENV_TIMER_SOCKET: None,
             "TORCHELASTIC_ENABLE_FILE_TIMER": None,
             "TORCHELASTIC_TIMER_FILE": None,
+            ENV_CGROUP: None if self._cgroup is None else self._cgroup.path,
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
             "GROUP_RANK": "0",
@@ -494,13 +516,22 @@ class LocalElasticAgent:
                 process = self._ctx.Process(
                     target=run_function, args=(entry, spec.args, env, die_parent, sender), name=f"worker-{rank}"
                 )
-                process.start()
+                if self._start_method == "spawn":
+                    # Born with the token in its environment, which is where the keeper reads it (a fork or a
+                    # forkserver child inherits another process's: groups and the cgroup hold those).
+                    resource_tracker.ensure_running()  # multiprocessing's helper must not carry the token
+                    with _token_in_environment(self._token):
+                        process.start()
+                else:
+                    process.start()
                 sender.close()
                 assert process.pid is not None
                 workers.append(Worker(rank, process.pid, process, receiver))
             else:
                 assert isinstance(entry, str)
                 workers.append(start_command(rank, entry, spec.args, env, parent, self._prefix_output, self._output))
+            if self._cgroup is not None:
+                self._cgroup.add(workers[-1].pid)  # before it can start anything: all it starts is born there
             self._allow([w.pid for w in workers])  # before the worker can send its first request
             if self._keeper is not None:
                 self._keeper.watch(workers[-1].pid)
@@ -529,3 +560,22 @@ class LocalElasticAgent:
     def _restore_signal_handlers(self, previous: Dict[int, Any]) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+_environ_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _token_in_environment(token: str) -> Iterator[None]:
+    """The run token in this process's environment while a worker is started (only then: other children of a
+    program that runs the agent must not carry it)."""
+    with _environ_lock:
+        previous = os.environ.get(TOKEN_VARIABLE)
+        os.environ[TOKEN_VARIABLE] = token
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(TOKEN_VARIABLE, None)
+            else:
+                os.environ[TOKEN_VARIABLE] = previous

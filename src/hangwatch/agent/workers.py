@@ -21,6 +21,7 @@ import time
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from .._bootstrap import die_with_parent, let_parent_trace
+from .._cgroup import RunCgroup, join_from_env
 from .._keeper import Keeper
 from .._reaper import processes, start_time
 from ..env import configure_from_env
@@ -53,6 +54,7 @@ def run_function(
             os.environ[name] = value
     die_with_parent(parent)
     let_parent_trace(parent)
+    join_from_env()  # into the run's cgroup before the function runs: all it starts is born there
     configure_from_env(required=False)
     value = fn(*args)
     try:
@@ -164,7 +166,9 @@ def children_of(parent: int) -> Set[int]:
     return {pid for pid, fields in processes() if int(fields[1]) == parent and fields[0] not in _DEAD}
 
 
-def stop_group(workers: List[Worker], before: Set[int], grace: float, subreaper: bool) -> Dict[int, Optional[int]]:
+def stop_group(
+    workers: List[Worker], before: Set[int], grace: float, subreaper: bool, cgroup: Optional[RunCgroup] = None
+) -> Dict[int, Optional[int]]:
     """Stop every process of the group: SIGTERM, ``grace``, SIGKILL, until none is left; then reap the workers.
 
     Args:
@@ -173,13 +177,14 @@ def stop_group(workers: List[Worker], before: Set[int], grace: float, subreaper:
         grace: seconds between SIGTERM and SIGKILL.
         subreaper: whether this process is a child subreaper (then the workers' descendants
             that left their process group are its children, and are stopped too).
+        cgroup: the run's cgroup, if any: what is in it is stopped too, wherever it went.
 
     Returns:
         Each worker's exit status, by rank (negative: the signal), None if it could not be known.
     """
     for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         pgids = _our_groups(workers)
-        members, orphans = _leftovers(pgids, before, subreaper)
+        members, orphans = _leftovers(pgids, before, subreaper, cgroup)
         if not members and not orphans:
             break
         for pgid in pgids:
@@ -193,11 +198,11 @@ def stop_group(workers: List[Worker], before: Set[int], grace: float, subreaper:
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(_leftovers(pgids, before, subreaper)):
+        while time.monotonic() < deadline and any(_leftovers(pgids, before, subreaper, cgroup)):
             time.sleep(0.02)
     # A process's leader shows as a zombie while its other threads still exit: wait for the real end.
     codes = {w.rank: w.reap() for w in workers}
-    members, _ = _leftovers(_our_groups(workers), before, subreaper)
+    members, _ = _leftovers(_our_groups(workers), before, subreaper, cgroup)
     if members:
         logger.error("processes %s of the stopped worker group did not exit (stuck in the kernel?)", sorted(members))
     return codes
@@ -218,17 +223,20 @@ def _our_groups(workers: List[Worker]) -> Set[int]:
     return groups
 
 
-def _leftovers(pgids: Set[int], before: Set[int], subreaper: bool) -> Tuple[Set[int], Set[int]]:
+def _leftovers(
+    pgids: Set[int], before: Set[int], subreaper: bool, cgroup: Optional[RunCgroup] = None
+) -> Tuple[Set[int], Set[int]]:
     """One pass over /proc: the live processes of the groups ``pgids``, and the live orphans.
 
-    Orphans (with ``subreaper`` only) are descendants of the workers that left their
-    process group and came back to this process: its children that it did not start
-    before the group, that are not workers, and that are not in its own process group
-    (its own helpers, such as multiprocessing's resource tracker, are). Orphans that
-    already exited are collected here.
+    Orphans are the workers' descendants outside their process groups: in the run's cgroup
+    (wherever they went), or (with ``subreaper``) come back to this process: its children
+    that it did not start before the group, that are not workers, and that are not in its
+    own process group (its own helpers, such as multiprocessing's resource tracker, are).
+    Orphans that already exited are collected here.
     """
     me = os.getpid()
     own_group = os.getpgrp()
+    held = set(cgroup.pids()) if cgroup is not None else set()
     members: Set[int] = set()
     orphans: Set[int] = set()
     for pid, fields in processes():
@@ -237,6 +245,9 @@ def _leftovers(pgids: Set[int], before: Set[int], subreaper: bool) -> Tuple[Set[
         if pgrp in pgids:
             if not dead:
                 members.add(pid)
+        elif pid in held:
+            if not dead:
+                orphans.add(pid)
         elif subreaper and int(fields[1]) == me and pid not in before and pgrp != own_group:
             if not dead:
                 orphans.add(pid)
