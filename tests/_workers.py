@@ -636,3 +636,24 @@ def forks_an_escaping_grandchild(pid_file: str) -> None:
     with open(pid_file, "w") as f:
         f.write(str(child))
     time.sleep(300)
+
+
+def shm_connection_churn(path: str, seconds: float, ready: Any) -> None:
+    """Keeps 8 connections that never say hello, closing and opening them again and again."""
+    import socket
+
+    ready.set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        socks = []
+        for _ in range(8):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                s.connect(path)
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        time.sleep(0.05)
+        for s in socks:
+            s.close()

@@ -132,6 +132,29 @@ class TestCaps:
         assert any("Limits.connections_per_process" in r for r in reasons)
         assert any("no hello within 1 s" in r for r in reasons)
 
+    def test_honest_workers_register_during_a_flood_of_silent_connections(
+        self, tmp_path: Path, events: EventLog
+    ) -> None:
+        """Twelve processes keep opening connections that never say hello (more than the pool holds): workers
+        that register meanwhile get in (busy answers are tried again) and are reaped when they get stuck."""
+        server = SharedMemoryTimerServer(str(tmp_path / "t.sock"), limits=Limits(waiting_connections=32))
+        server.start()
+        churners = [start_attacker(_workers.shm_connection_churn, server.socket_path, 15.0)[0] for _ in range(12)]
+        try:
+            honest = [
+                spawn.Process(target=_workers.shm_stuck, args=(server.socket_path, 0.5, "honest")) for _ in range(4)
+            ]
+            for p in honest:
+                p.start()
+            for p in honest:
+                p.join(60)
+            assert [p.exitcode for p in honest] == [-signal.SIGKILL] * 4
+        finally:
+            for p in churners:
+                p.kill()
+                p.join()
+            server.stop()
+
     def test_a_process_may_hold_only_so_many_connections(self, tmp_path: Path, events: EventLog) -> None:
         """The ninth registration of one process is refused with a clear error."""
         server = SharedMemoryTimerServer(str(tmp_path / "t.sock"))

@@ -89,6 +89,10 @@ _SLOTS_PER_READ = 4096  # changed slots turned into requests
 _ACCEPTS_PER_ROUND = 64  # connections accepted
 # When accept() fails for want of descriptors or memory, how long before it is tried again.
 _ACCEPT_PAUSE = 0.5
+# An honest client says hello at once: a connection silent for longer may give way to a newcomer.
+_HELLO_GRACE = 0.2
+# The refusal a client answers by trying again (within its connect_timeout).
+_BUSY = "busy: every place for a connection yet to say hello is taken (Limits.waiting_connections); try again"
 _SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 _F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
 # The seals a worker requires of the server's file: it can neither shrink nor grow, nor lose its seals.
@@ -445,7 +449,22 @@ class SharedMemoryTimerClient(TimerClient):
             return False
 
     def _register(self, carry: Optional[_View]) -> _View:
-        """Connect, say hello, map the server's file; re-announce every scope; carry held timers over."""
+        """Connect, say hello, map the server's file; re-announce every scope; carry held timers over.
+
+        A server too busy with connections that never said hello answers "busy", or closes the
+        connection before it could read the hello: both are tried again until ``connect_timeout``.
+        """
+        deadline = _monotonic() + self._connect_timeout
+        while True:
+            try:
+                return self._register_once(carry)
+            except ServerUnavailableError as exc:
+                closed = isinstance(exc.__cause__, (ConnectionResetError, BrokenPipeError))
+                if not (closed or _BUSY in str(exc)) or _monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
+
+    def _register_once(self, carry: Optional[_View]) -> _View:
         old, self._sock = self._sock, None
         if old is not None and self._pid == os.getpid():
             old.close()
@@ -705,12 +724,15 @@ class _SlotQueue(RequestQueue):
             if over is not None:
                 self._refuse(region, over, event="limit reached")
                 continue
-            self._make_room_for_a_hello()
+            if not self._make_room_for_a_hello():
+                self._refuse(region, _BUSY, event="limit reached")
+                continue
             # allowed_pids is applied when a timer arrives (as on the other transports): a worker's
             # own subprocess may register, its timers are refused with an event, and it keeps running.
             fd = sock.fileno()
             self._regions[fd] = region
             self._server._watch_fd(fd, functools.partial(self._readable, fd))
+            self._drain(region)  # an honest client said hello right after connecting: register it now
         self._accept_ready = True  # more may wait: the next round takes them, after the others' work
 
     def _over_limit(self, pid: int) -> Optional[str]:
@@ -726,21 +748,29 @@ class _SlotQueue(RequestQueue):
             return f"{registered} processes are registered, the most the server serves (Limits.workers)"
         return None
 
-    def _make_room_for_a_hello(self) -> None:
-        """At most ``Limits.waiting_connections`` wait to say hello: the oldest is closed for the newcomer.
+    def _make_room_for_a_hello(self) -> bool:
+        """At most ``Limits.waiting_connections`` wait to say hello; True if a newcomer may wait too.
 
-        An honest client says hello at once; a connection that has waited longest is the likeliest
-        to be silent, so silent connections can never keep an honest worker from registering.
+        An honest client says hello right after it connects; a connection still silent after
+        a moment is the likeliest to be an attacker's. So when the pool is full its oldest
+        connection silent for that long is closed for the newcomer; if every waiting one is
+        that young, the newcomer is told the server is busy (its client tries again). Silent
+        connections can never lock an honest worker out.
         """
         waiting = [(r.accepted_at, fd) for fd, r in self._regions.items() if r.view is None]
         cap = self._server._limits.waiting_connections
         if len(waiting) < cap:
-            return
-        for _, fd in sorted(waiting)[: len(waiting) - cap + 1]:
+            return True
+        old_enough = _monotonic() - _HELLO_GRACE
+        stale = sorted(item for item in waiting if item[0] <= old_enough)[: len(waiting) - cap + 1]
+        if len(stale) < len(waiting) - cap + 1:
+            return False
+        for _, fd in stale:
             region = self._regions.pop(fd)
             self._server._unwatch_fd(fd)
             reason = f"{cap} connections wait to say hello, the most the server keeps (Limits.waiting_connections); "
-            self._refuse(region, reason + "the oldest is closed for a newcomer", event="limit reached")
+            self._refuse(region, reason + "the oldest silent one is closed for a newcomer", event="limit reached")
+        return True
 
     def _pause_accepting(self, exc: OSError) -> None:
         """accept() failed for want of descriptors or memory: stop watching the socket for a moment (no spin)."""
