@@ -18,6 +18,11 @@ the requests lost and the wrong kills; and writes it to benchmarks/results/stres
 4. orphans: the launcher SIGKILLed (and SIGINT, SIGTERM, success) with workers that
    started children in and out of their session. Wrong kills: none can be counted here;
    lost: processes left running.
+5. hostile: four honest survivors churn blocks and then get stuck beside writers dying
+   mid-line (FIFO), clients flooding the socket and flipping every slot, silent
+   connections (shared memory), and workers frozen before their stack dump (every
+   transport). Lost: survivors not reaped; wrong kills: reaps of anyone else (the frozen
+   workers' own expired timers excepted).
 """
 
 from __future__ import annotations
@@ -280,6 +285,164 @@ def fuzz(inputs: int) -> List[Dict[str, Any]]:
     ]
 
 
+# ----------------------------------------------------------------- 5. hostile clients
+
+
+def _tearer(path: str) -> None:
+    """Writes the start of a line to the FIFO, with no end, and waits to be killed (a writer dying mid-line)."""
+    fd = os.open(path, os.O_WRONLY)
+    os.write(fd, b'{"version": 1, "pid": 4, "scope_id": "torn", "expir')
+    time.sleep(600)
+
+
+def _raw_register(path: str, slots: int) -> Tuple[Any, Any]:
+    import mmap
+    import socket
+    import struct
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(path)
+    sock.send(json.dumps({"v": 1, "slots": slots, "mono": time.monotonic()}).encode())
+    data, anc, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(4))
+    granted = json.loads(data)["slots"]
+    fd = struct.unpack("i", anc[0][2][:4])[0]
+    return sock, memoryview(mmap.mmap(fd, 8 * (8 + granted))).cast("d")
+
+
+def _flooder(path: str) -> None:
+    """Floods the shared-memory socket with large bind messages, far faster than a server parses them."""
+    sock, _ = _raw_register(path, 4096)
+    message = json.dumps({"bind": [[8 + i, f"flood-{i:06d}" + "x" * 200] for i in range(250)]}).encode()
+    while True:
+        try:
+            sock.send(message)
+        except OSError:
+            time.sleep(0.001)
+
+
+def _flipper(path: str) -> None:
+    """Asks for 262,144 slots, binds what it gets, and flips them all, over and over."""
+    sock, view = _raw_register(path, 262144)
+    slots = int(view[1])
+    for start in range(0, slots, 512):
+        sock.send(json.dumps({"bind": [[8 + i, f"s{i}"] for i in range(start, min(slots, start + 512))]}).encode())
+    value = 0.0
+    while True:
+        value = time.monotonic() + 600 if value == 0.0 else 0.0
+        for i in range(8, 8 + slots):
+            view[i] = value
+
+
+def _silent(path: str, count: int) -> None:
+    """Opens connections and never says hello."""
+    import socket
+
+    socks = []
+    for _ in range(count):
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.connect(path)
+            socks.append(s)
+        except OSError:
+            time.sleep(0.01)
+    time.sleep(600)
+
+
+def _frozen(kind: str, address: Any, after: float) -> None:
+    """Gets stuck, then is frozen (SIGSTOP) before its deadline: its stack never comes."""
+    hangwatch.configure(_client(kind, address))
+    with hangwatch.expires(after=after, scope="frozen"):
+        os.kill(os.getpid(), signal.SIGSTOP)
+        time.sleep(600)
+
+
+def hostile(kind: str, attack: str, size: int, seconds: float) -> Dict[str, Any]:
+    """Honest survivors churn blocks, then get stuck, while attackers do their worst; the survivors must be
+    reaped on time and nobody else wrongly."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["hangwatch", "benchmarks._stress"])
+    events: List[Event] = []
+    with tempfile.TemporaryDirectory(prefix="hangwatch-stress-") as directory:
+        address = _address(kind, ctx, directory)
+        server = _server(kind, address, events)
+        server.start()
+        stop = ctx.Event()
+        survivors = [ctx.Process(target=_survivor, args=(kind, address, stop, 0.5)) for _ in range(4)]
+        attackers: List[Any] = []
+        faults = 0
+        allowed = set()
+        try:
+            started = time.monotonic()
+            if attack == "partial lines":  # writers dying mid-line, one after another
+                for p in survivors:
+                    p.start()
+                for _ in range(size):
+                    tearer = ctx.Process(target=_tearer, args=(address,))
+                    tearer.start()
+                    time.sleep(seconds / size)
+                    tearer.kill()
+                    tearer.join()
+                    faults += 1
+            else:
+                if attack == "floods":
+                    attackers = [ctx.Process(target=_flooder, args=(address,)) for _ in range(2)]
+                    attackers.append(ctx.Process(target=_flipper, args=(address,)))
+                elif attack == "silent connections":
+                    attackers = [ctx.Process(target=_silent, args=(address, size // 8)) for _ in range(8)]
+                elif attack == "slow stack dumps":
+                    attackers = [ctx.Process(target=_frozen, args=(kind, address, 0.3)) for _ in range(size)]
+                for p in attackers:
+                    p.start()
+                time.sleep(1.0)  # the attack is on: the survivors register, churn and get stuck under it
+                for p in survivors:
+                    p.start()
+                faults = size if attack != "floods" else len(attackers)
+                allowed = {p.pid for p in attackers} if attack == "slow stack dumps" else set()
+                time.sleep(seconds)
+            took = time.monotonic() - started
+            stop.set()
+            for p in survivors:
+                p.join(60)
+            reaped = sum(1 for p in survivors if p.exitcode == -signal.SIGKILL)
+        finally:
+            for p in survivors + attackers:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+            server.stop()
+    survivor_pids = {p.pid for p in survivors}
+    kills = [e for e in events if e.name == "kill worker process" and "late_s" in e.details]
+    wrong = [e.worker for e in kills if e.worker not in survivor_pids | allowed]
+    # On the FIFO the only refusals may be the fragments: any other refused line was an honest request lost.
+    refused_honest = [
+        e
+        for e in events
+        if attack == "partial lines"
+        and e.name == "bad request"
+        and "incomplete line" not in e.details.get("reason", "")
+    ]
+    late = [e.details["late_s"] for e in kills if e.worker in survivor_pids]
+    return {
+        "scenario": f"hostile: {attack}",
+        "transport": kind,
+        "load": f"4 survivors beside {attack} ({faults:,}) for {took:.0f} s; reaped at most "
+        f"{max(late) * 1000:.0f} ms late"
+        if late
+        else f"4 survivors beside {attack} ({faults:,}) for {took:.0f} s",
+        "faults": faults,
+        "inputs": server.request_count,
+        "lost": 4 - reaped + len(refused_honest),
+        "wrong_kills": len(wrong),
+        "details": {
+            "survivors_reaped": reaped,
+            "honest_lines_refused": len(refused_honest),
+            "max_late_s": round(max(late), 4) if late else None,
+            "limit_events": len([e for e in events if e.name == "limit reached"]),
+            "bad_requests": len([e for e in events if e.name == "bad request"]),
+        },
+    }
+
+
 # ----------------------------------------------------------------- 4. orphans
 
 SPAWNER = """
@@ -394,18 +557,21 @@ def table(rows: List[Dict[str, Any]]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stress", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few minutes")
-    parser.add_argument("--only", choices=["storm", "kill", "fuzz", "orphans"], action="append", help="run only these")
+    parser.add_argument(
+        "--only", choices=["storm", "kill", "fuzz", "orphans", "hostile"], action="append", help="run only these"
+    )
     parser.add_argument("--fuzz-inputs", type=int, help="inputs for the fuzzer (default 1,000,000; --quick 20,000)")
     args = parser.parse_args(argv)
     if not sys.platform.startswith("linux"):
         print("the stress mode needs Linux", file=sys.stderr)
         return 2
-    only = set(args.only or ["storm", "kill", "fuzz", "orphans"])
+    only = set(args.only or ["storm", "kill", "fuzz", "orphans", "hostile"])
     sizes: Dict[str, Tuple[int, ...]] = {
         "storm": (8, 5_000) if args.quick else (64, 100_000),
         "kill": (30,) if args.quick else (300,),
         "fuzz": (args.fuzz_inputs or (20_000 if args.quick else 1_000_000),),
         "orphans": (4,) if args.quick else (20,),
+        "hostile": (10,) if args.quick else (1,),  # the divisor of the sizes below
     }
     rows: List[Dict[str, Any]] = []
 
@@ -424,6 +590,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             show(row)
     if "orphans" in only:
         show(orphans(*sizes["orphans"]))
+    if "hostile" in only:
+        scale = sizes["hostile"][0]
+        attacks = [
+            ("fifo", "partial lines", 300 // scale, 60.0 / scale),
+            ("shm", "floods", 3, 60.0 / scale),
+            ("shm", "silent connections", 2000 // scale, 30.0 / scale),
+        ]
+        attacks += [(kind, "slow stack dumps", 8, 10.0 / scale) for kind in TRANSPORTS]
+        for kind, attack, size, seconds in attacks:
+            show(hostile(kind, attack, size, seconds))
     print()
     print(table(rows))
     out = ROOT / "benchmarks" / "results" / ("stress-quick.json" if args.quick else "stress.json")
