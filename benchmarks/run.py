@@ -452,13 +452,14 @@ def memory_per_timer(timers: int) -> Dict[str, float]:
         for pair in ("shm", "file"):
             d = tempfile.mkdtemp(prefix="hw-bench-")
             now = time.time() + 3600
+            limits = hangwatch.Limits(timers_per_worker=timers)  # one worker holds them all: lift its cap
             if pair == "shm":
-                server: Any = hangwatch.SharedMemoryTimerServer(os.path.join(d, "m.sock"))
+                server: Any = hangwatch.SharedMemoryTimerServer(os.path.join(d, "m.sock"), limits=limits)
                 info = WorkerInfo(None, None, 0, -1, None)
                 names = [f"held-{i}" for i in range(timers)]  # the names live in the worker's region table
                 make: Callable[[int], Any] = lambda i: WorkerRequest(pid, names[i], now + i, info)  # noqa: E731, B023 (used within this iteration)
             else:
-                server = hangwatch.FileTimerServer(os.path.join(d, "m.fifo"))
+                server = hangwatch.FileTimerServer(os.path.join(d, "m.fifo"), limits=limits)
                 make = lambda i: hangwatch.FileTimerRequest(pid, f"held-{i}", now + i, 9)  # noqa: E731, B023 (used within this iteration)
             server.register_timers([make(0)])  # pins the worker outside the measurement
             gc.collect()
@@ -470,6 +471,7 @@ def memory_per_timer(timers: int) -> Dict[str, float]:
             second = tracemalloc.take_snapshot()
             tracemalloc.stop()
             grown = sum(s.size_diff for s in second.compare_to(first, "filename"))
+            assert server.active_timers == timers, (pair, server.active_timers)  # every timer was held
             out[pair] = grown / (timers - 1)
             server.close_pins()
             server.stop()
