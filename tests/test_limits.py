@@ -44,26 +44,19 @@ def start_attacker(target: Any, *args: Any) -> Tuple[Any, Any]:
 
 
 class TestFairness:
-    def test_a_bind_flood_does_not_delay_an_honest_reap(self, tmp_path: Path, events: EventLog) -> None:
-        """A client floods the socket with large messages for 8 s; a stuck worker is still reaped on time."""
+    @pytest.mark.parametrize(
+        ("attack", "seconds"),
+        [(_workers.shm_bind_flood, 8.0), (_workers.shm_slot_flipper, 10.0)],
+        ids=["a flood of large bind messages", "a client flipping all of its slots, over and over"],
+    )
+    def test_an_attacking_client_does_not_delay_an_honest_reap(
+        self, tmp_path: Path, events: EventLog, attack: Any, seconds: float
+    ) -> None:
+        """While one client floods the socket, or flips every slot it could get, a stuck worker is still reaped
+        on time (by milliseconds, not by the length of the attack)."""
         server = SharedMemoryTimerServer(str(tmp_path / "t.sock"))
         server.start()
-        attacker, _ = start_attacker(_workers.shm_bind_flood, server.socket_path, 8.0)
-        try:
-            honest = run_worker(_workers.shm_stuck, server.socket_path, 0.5, "honest", timeout=60)
-            assert honest.exitcode == -signal.SIGKILL
-            assert late_s(events, honest.pid) < 1.0
-        finally:
-            attacker.kill()
-            attacker.join()
-            server.stop()
-
-    def test_a_slot_flipper_does_not_delay_an_honest_reap(self, tmp_path: Path, events: EventLog) -> None:
-        """A client flips all of its slots (as many as it may get) over and over; a stuck worker is still reaped
-        on time."""
-        server = SharedMemoryTimerServer(str(tmp_path / "t.sock"))
-        server.start()
-        attacker, _ = start_attacker(_workers.shm_slot_flipper, server.socket_path, 10.0)
+        attacker, _ = start_attacker(attack, server.socket_path, seconds)
         try:
             honest = run_worker(_workers.shm_stuck, server.socket_path, 0.5, "honest", timeout=60)
             assert honest.exitcode == -signal.SIGKILL
@@ -102,13 +95,14 @@ class TestFairness:
 
 class TestCaps:
     def test_silent_connections_are_capped_and_closed(self, tmp_path: Path, events: EventLog) -> None:
-        """Connections that never say hello (five processes with 8 each, one with 12): beyond the caps they are
-        refused, the rest closed after the hello timeout; an honest worker registers and is reaped all along."""
+        """Connections that never say hello (six processes with 8 each, more than the pool holds): beyond the cap
+        they are refused, the rest closed after the hello timeout; an honest worker registers and is reaped all
+        along. (The cap per process has a test of its own.)"""
         limits = Limits(hello_timeout=1.0, waiting_connections=32)
         server = SharedMemoryTimerServer(str(tmp_path / "t.sock"), limits=limits)
         server.start()
         silent = []
-        for count in (8, 8, 8, 8, 8, 12):
+        for count in (8, 8, 8, 8, 8, 8):
             parent, child = spawn.Pipe()
             process = spawn.Process(target=_workers.shm_silent_connections, args=(server.socket_path, count, child))
             process.start()
@@ -128,9 +122,8 @@ class TestCaps:
                 process.join()
             server.stop()
         reasons = [e.details["reason"] for e in events.named("limit reached")]
-        assert any("Limits.waiting_connections" in r for r in reasons)
-        assert any("Limits.connections_per_process" in r for r in reasons)
-        assert any("no hello within 1 s" in r for r in reasons)
+        assert any("Limits.waiting_connections" in r for r in reasons), reasons
+        assert any("no hello within 1 s" in r for r in reasons), reasons
 
     def test_honest_workers_register_during_a_flood_of_silent_connections(
         self, tmp_path: Path, events: EventLog
