@@ -31,6 +31,7 @@ import logging
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -206,6 +207,7 @@ class Servers:
             self.server._stop_signaled = True  # torch's stop() waits up to max_interval (60 s)
         else:
             self.server.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _join_dead(p: Any, deadline_value: Any, timeout: float = 120) -> Optional[float]:
@@ -475,6 +477,7 @@ def memory_per_timer(timers: int) -> Dict[str, float]:
             out[pair] = grown / (timers - 1)
             server.close_pins()
             server.stop()
+            shutil.rmtree(d, ignore_errors=True)
     finally:
         sleeper.kill()
         sleeper.join()
