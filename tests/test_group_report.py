@@ -146,7 +146,11 @@ class TestCollectiveHang:
 class TestFailureAndChildren:
     def test_a_rank_that_crashes_while_the_others_wait(self, tmp_path: Path) -> None:
         """No timer expired: a rank exits with an error; the others' stacks say they were waiting for it."""
-        script = BARRIER_JOB.replace("time.sleep(3600)  # the culprit: stuck reading", "raise SystemExit(3)")
+        crash = (  # once the others wait in the barrier (they start at different times), rank 1 fails
+            "while sum(n.startswith('0.') for n in os.listdir(sync)) < world - 1: time.sleep(0.01)\n"
+            "        raise SystemExit(3)"
+        )
+        script = BARRIER_JOB.replace("time.sleep(3600)  # the culprit: stuck reading", crash)
         script = script.replace("else 0.5", "else 30.0")  # no timer expires: the failure alone triggers
         done = run_job(tmp_path, script, "--nproc-per-node", "3", "--stop-grace", "1")
         err = done.stderr
