@@ -159,22 +159,11 @@ class GroupSnapshot:
     seconds: float
     native_note: Optional[str] = None
 
-    def rank_threads(self, rank: int) -> Optional[List[ThreadStack]]:
-        """The threads of rank ``rank``'s worker, or None without a stack."""
-        evidence = self.processes.get(self.members.get(rank, -1))
-        threads = evidence.threads() if evidence is not None else []
-        return threads or None
-
     def descendants(self, rank: int) -> List[ProcessEvidence]:
         """The descendants of rank ``rank``'s worker, by pid."""
         return sorted(
             (p for p in self.processes.values() if p.rank == rank and p.parent is not None), key=lambda p: p.pid
         )
-
-    def stack_of(self, pid: int) -> Optional[str]:
-        """The faulthandler dump of ``pid``, if it gave one."""
-        evidence = self.processes.get(pid)
-        return None if evidence is None else evidence.python
 
     def to_dict(self) -> Dict[str, Any]:
         """As JSON-compatible values."""

@@ -52,7 +52,6 @@ class _Reap:
 
     __slots__ = (
         "first_signal_at",
-        "group",
         "last_signal",
         "next_at",
         "own",
@@ -64,6 +63,7 @@ class _Reap:
         "stack",
         "stack_note",
         "step",
+        "waits_for",
     )
 
     def __init__(self, pid: int, pin: ProcessPin, request: TimerRequest, policy: ReapPolicy) -> None:
@@ -78,7 +78,7 @@ class _Reap:
         self.stack_note: Optional[str] = None
         self.first_signal_at: Optional[float] = None
         self.last_signal = 0
-        self.group: Optional[GroupEvidence] = None  # the stacks this reap waits for (its group's, or its own)
+        self.waits_for: Optional[GroupEvidence] = None  # the stacks this reap waits for (its group's, or its own)
         self.own: Optional[GroupEvidence] = None  # the collection of this worker's stack alone, once asked
 
     def evidence(self) -> Dict[str, Any]:
@@ -151,7 +151,7 @@ class PidTimerServer(TimerServer):
         self._book: DeadlineBook[int, TimerRequest] = DeadlineBook()
         self._pins: Dict[int, ProcessPin] = {}
         self._polled_pins: Dict[int, ProcessPin] = {}  # pins without a descriptor to watch (no pidfd)
-        self._dumps: Dict[int, tuple[int, int]] = {}  # pid -> (dump signal, dump fd) it registered
+        self._dump_handlers: Set[int] = set()  # pids that registered a stack-dump handler
         self._reaps: Dict[int, _Reap] = {}
         sinks: List[EventSink] = []
         if event_file is not None:
@@ -280,7 +280,7 @@ class PidTimerServer(TimerServer):
         if pid not in self._pins and not self._pin(pid, scope, info):
             return
         if info is not None and info.dump_signal:
-            self._dumps[pid] = (info.dump_signal, info.dump_fd)
+            self._dump_handlers.add(pid)
         cap = self._limits.timers_per_worker
         if not book.holds(pid, scope) and book.count_of(pid) >= cap:
             self._events.emit(
@@ -375,7 +375,7 @@ class PidTimerServer(TimerServer):
         if not job.policy.dump:
             self._next_step(job)
             return
-        if job.pid not in self._dumps:
+        if job.pid not in self._dump_handlers:
             job.stack_note = "no stack: the worker registered no dump handler (e.g. a torch client)"
             self._next_step(job)
             return
@@ -393,13 +393,13 @@ class PidTimerServer(TimerServer):
 
     def _await_evidence(self, job: _Reap, evidence: GroupEvidence) -> None:
         """Hold the reap until ``evidence`` is taken (or its time is up); the watchdog is woken when it is."""
-        job.group = evidence
+        job.waits_for = evidence
         job.next_at = evidence.deadline() or time.monotonic()
         evidence.on_done(self._wake)
 
     def _after_evidence(self, job: _Reap, evidence: GroupEvidence) -> None:
         """The stacks are taken (or their time is up): the worker's comes from them; then the first signal."""
-        job.group = None
+        job.waits_for = None
         snapshot = evidence.snapshot
         if snapshot is None and evidence is not job.own:
             self._start_evidence(job)  # the group's stacks did not come in time: ask for this worker's alone
@@ -418,11 +418,12 @@ class PidTimerServer(TimerServer):
         if not self._reaps:
             return
         now = time.monotonic()
-        for job in [j for j in self._reaps.values() if j.next_at <= now or (j.group is not None and j.group.done)]:
+        due = [j for j in self._reaps.values() if j.next_at <= now or (j.waits_for is not None and j.waits_for.done)]
+        for job in due:
             if job.pid not in self._reaps:
                 continue  # ended by an earlier step of this round
-            if job.group is not None:
-                self._after_evidence(job, job.group)
+            if job.waits_for is not None:
+                self._after_evidence(job, job.waits_for)
             else:
                 self._next_step(job)
 
@@ -583,7 +584,7 @@ class PidTimerServer(TimerServer):
         """Forget the worker's pin: stop watching it and close it."""
         pin = self._pins.pop(pid, None)
         self._polled_pins.pop(pid, None)
-        self._dumps.pop(pid, None)
+        self._dump_handlers.discard(pid)
         self._lineage.pop(pid, None)
         if pin is not None:
             if pin.fileno() >= 0:

@@ -23,6 +23,7 @@ from typing import Callable, List, NoReturn, Optional, Set, TextIO
 from . import __version__
 from ._reaper import ReapPolicy
 from .agent import FAILED, SUCCEEDED, Attempt, LocalElasticAgent, RunResult, WorkerSpec
+from .agent.report import LAUNCH_FRAMES
 from .events import Event, JsonLinesSink
 from .triage import ranks_text
 
@@ -180,9 +181,6 @@ def _spec_for(args: argparse.Namespace) -> WorkerSpec:
     )
 
 
-_LAUNCH_FRAMES = ("<frozen runpy>", "runpy.py", "hangwatch/_bootstrap.py")
-
-
 class _Reporter:
     """Writes the launcher's own lines (attempts, hang reports, refused timers, the summary) to stderr."""
 
@@ -236,7 +234,7 @@ class _Reporter:
                 if failure.stack:
                     with self._lock:
                         for line in failure.stack.rstrip().splitlines():
-                            if not any(noise in line for noise in _LAUNCH_FRAMES):  # how the worker was started
+                            if not any(noise in line for noise in LAUNCH_FRAMES):  # how the worker was started
                                 self.out.write(f"    {line}\n")
         self.say(f"  {_counts(attempt)}")
         if attempt.number + 1 < self.total:

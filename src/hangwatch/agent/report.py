@@ -16,10 +16,10 @@ from .._evidence import GroupSnapshot, ProcessEvidence
 from .._stacks import Frame, ThreadStack, main_thread
 from ..triage import DATA, Place, Verdict, classify, place_of, ranks_text
 
-__all__ = ["HangReport", "ProcessReport", "build_report"]
+__all__ = ["LAUNCH_FRAMES", "HangReport", "ProcessReport", "build_report"]
 
 # Frames of how a worker was started, not of what it ran.
-_LAUNCH_FRAMES = ("<frozen runpy>", "/runpy.py", "/hangwatch/_bootstrap.py")
+LAUNCH_FRAMES = ("<frozen runpy>", "/runpy.py", "/hangwatch/_bootstrap.py")
 _MAX_SHOWN = 3  # culprits (or groups) whose stacks are printed in full
 
 
@@ -175,7 +175,7 @@ def _stack_lines(threads: Sequence[ThreadStack], who: str) -> List[str]:
     main = main_thread(threads)
     if main is None:
         return []
-    frames = [f for f in main.python_frames if not any(mark in f.file for mark in _LAUNCH_FRAMES)]
+    frames = [f for f in main.python_frames if not any(mark in f.file for mark in LAUNCH_FRAMES)]
     out = [f"  {who}'s main thread (most recent call first):"] if frames else []
     out += [f'    File "{f.file}", line {f.line} in {f.func}' for f in frames]
     native: List[Frame] = []
