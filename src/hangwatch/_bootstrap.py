@@ -9,6 +9,12 @@ Run as ``python -m hangwatch._bootstrap --parent PID (--script PATH | --module N
    (:func:`hangwatch.configure_from_env`), so ``expires`` works with no set-up, then run
    it as ``__main__``, as ``python script.py`` / ``python -m module`` would.
 3. For any other command: ``exec`` it.
+
+Under torch's elastic engine (``hangwatch run --nnodes ...``) the launcher sets
+``HANGWATCH_TORCH_FILE_TIMER=1`` instead of ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` in its own
+environment (torch's agent would start its own, self-killing, timer server on seeing the
+latter); the bootstrap turns it into ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` in the worker, so
+code written for torchrun's file timer finds it enabled, served by hangwatch's FIFO.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from typing import List, Optional
 
 from ._cgroup import join_from_env
 
-__all__ = ["die_with_parent", "let_parent_trace", "main"]
+__all__ = ["ENV_TORCH_FILE_TIMER", "die_with_parent", "let_parent_trace", "main"]
+
+ENV_TORCH_FILE_TIMER = "HANGWATCH_TORCH_FILE_TIMER"
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_PTRACER = 0x59616D61  # Yama: which process (and its descendants) may ptrace this one
@@ -66,6 +74,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     die_with_parent(parent)
     let_parent_trace(parent)
     join_from_env()  # into the run's cgroup before anything else runs: all this process starts is born there
+    if os.environ.pop(ENV_TORCH_FILE_TIMER, None) == "1":
+        os.environ["TORCHELASTIC_ENABLE_FILE_TIMER"] = "1"
     if mode == "--exec":
         try:
             os.execvp(target, [target, *rest])
@@ -75,9 +85,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     configure_from_env(required=False)
     if mode == "--script":
-        sys.argv = [target, *rest]
-        sys.path[0] = os.path.dirname(os.path.abspath(target))
-        runpy.run_path(target, run_name="__main__")
+        sys.argv = [target, *rest]  # as python (and torchrun) give them: argv[0] as typed, __file__ absolute
+        path = os.path.abspath(target)
+        sys.path[0] = os.path.dirname(path)
+        runpy.run_path(path, run_name="__main__")
     else:
         sys.argv = [target, *rest]
         sys.path[0] = os.getcwd()

@@ -138,6 +138,18 @@ class ProcessEvidence:
             "notes": list(self.notes),
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProcessEvidence:
+        """From :meth:`to_dict`'s values (another node's); ValueError when they are malformed."""
+        pid, rank, parent = data.get("pid"), data.get("rank"), data.get("parent")
+        if not isinstance(pid, int) or not isinstance(rank, int) or not (parent is None or isinstance(parent, int)):
+            raise ValueError(f"a process needs int pid and rank (got {data!r:.200})")
+        texts = [data.get(k) for k in ("state", "stack", "native")]
+        if not all(t is None or isinstance(t, str) for t in texts):
+            raise ValueError("a process's state, stack and native must be strings")
+        notes = data.get("notes") or []
+        return cls(pid, rank, parent, texts[0] or "unknown", texts[1], texts[2], [str(n) for n in notes])
+
 
 @dataclass
 class GroupSnapshot:
@@ -172,8 +184,22 @@ class GroupSnapshot:
             "taken_at": self.taken_at,
             "seconds": round(self.seconds, 6),
             "native_note": self.native_note,
+            "members": {str(rank): pid for rank, pid in sorted(self.members.items())},
             "processes": [p.to_dict() for p in sorted(self.processes.values(), key=lambda p: (p.rank, p.pid))],
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GroupSnapshot:
+        """From :meth:`to_dict`'s values (another node's); ValueError when they are malformed."""
+        try:
+            members = {int(rank): int(pid) for rank, pid in dict(data["members"]).items()}
+            processes = [ProcessEvidence.from_dict(p) for p in data["processes"]]
+            trigger = dict(data.get("trigger") or {})
+            taken_at, seconds = float(data["taken_at"]), float(data["seconds"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a group snapshot: {exc}") from None
+        note = data.get("native_note")
+        return cls(members, {p.pid: p for p in processes}, trigger, taken_at, seconds, note if note else None)
 
 
 class _Target:
@@ -224,6 +250,7 @@ class GroupEvidence:
         self._done = threading.Event()
         self._callbacks: List[Callable[[], None]] = []
         self.snapshot: Optional[GroupSnapshot] = None
+        self.trigger: Dict[str, Any] = {}  # what started the collection, once started
 
     # ----------------------------------------------------------------- membership
 
@@ -264,6 +291,7 @@ class GroupEvidence:
             if self._started_at is not None:
                 return False
             self._started_at = time.monotonic()
+            self.trigger = dict(trigger)
         thread = threading.Thread(target=self._run, args=(dict(trigger),), name="hangwatch-group-evidence", daemon=True)
         thread.start()
         return True

@@ -27,6 +27,7 @@ from ._reaper import (
     ReapPolicy,
     ancestor_in,
     check_policy,
+    child_below,
     process_state,
     refuse_target,
     signal_name,
@@ -112,6 +113,11 @@ class PidTimerServer(TimerServer):
             (default: stack dump if registered, then SIGKILL, as torch).
         allowed_pids: if given, only these pids are ever pinned or signalled; requests
             naming another pid are refused (see :meth:`set_allowed_pids`).
+        children_only: accept only this process's children and their descendants (a
+            launcher such as torch's agent starts every worker as its direct child): a
+            request naming any other pid is refused. Checked through /proc's parent links
+            when a process's first timer arrives; a descendant's events name the child it
+            descends from (``descendant_of``). Applies together with ``allowed_pids``.
         event_file: append every event to this file as JSON lines.
         on_event: called with every :class:`~hangwatch.Event` (from the watchdog thread).
         limits: what one client may cost this server (default :class:`~hangwatch.Limits`).
@@ -131,6 +137,7 @@ class PidTimerServer(TimerServer):
         *,
         reap_policy: Optional[ReapPolicy] = None,
         allowed_pids: Optional[Iterable[int]] = None,
+        children_only: bool = False,
         event_file: Union[str, os.PathLike[str], None] = None,
         on_event: Optional[EventSink] = None,
         limits: Optional[Limits] = None,
@@ -145,7 +152,9 @@ class PidTimerServer(TimerServer):
         self._reap_policy = check_policy(reap_policy) or ReapPolicy()
         self._allowed = _check_pids(allowed_pids)
         self._descendants = False
+        self._children_only = bool(children_only)
         self._lineage: Dict[int, int] = {}  # a pinned descendant of an allowed pid -> that pid
+        self._ranks: Dict[int, int] = {}  # a pinned worker -> the rank it said it has
         self._group: Optional[GroupEvidence] = None
         self._new_pin = pin
         self._book: DeadlineBook[int, TimerRequest] = DeadlineBook()
@@ -193,6 +202,15 @@ class PidTimerServer(TimerServer):
         per start of its workers.
         """
         self._group = group
+
+    @property
+    def children_only(self) -> bool:
+        """Whether only this process's children and their descendants may be reaped."""
+        return self._children_only
+
+    def rank_of(self, pid: int) -> Optional[int]:
+        """The rank a pinned worker said it has (its ``RANK``), or None."""
+        return self._ranks.get(pid)
 
     @property
     def allowed_pids(self) -> Optional[frozenset[int]]:
@@ -279,6 +297,8 @@ class PidTimerServer(TimerServer):
                 return
         if pid not in self._pins and not self._pin(pid, scope, info):
             return
+        if info is not None and info.rank is not None:
+            self._ranks[pid] = info.rank
         if info is not None and info.dump_signal:
             self._dump_handlers.add(pid)
         cap = self._limits.timers_per_worker
@@ -327,6 +347,7 @@ class PidTimerServer(TimerServer):
                 scope=request.scope_id,
                 request=request,
                 late_s=round(now - request.expiration_time, 6),
+                **self._rank_details(worker_id),
             )
         if worker_id in self._reaps:
             return True  # already being reaped
@@ -463,6 +484,7 @@ class PidTimerServer(TimerServer):
                 details["scopes"] = job.scopes
             if job.pid in self._lineage:
                 details["descendant_of"] = self._lineage[job.pid]
+            details.update(self._rank_details(job.pid))
             details.update(job.evidence())
         else:
             details["reason"] = f"still alive {policy.grace:g} s after {signal_name(job.last_signal)}"
@@ -534,6 +556,16 @@ class PidTimerServer(TimerServer):
                 what = "workers nor a descendant of one" if self._descendants else "workers"
                 reason = f"pid {pid} is not one of this server's {what} (allowed_pids)"
                 self._refused(pid, reason)
+        if reason is None and self._children_only:
+            child = child_below(pid, os.getpid())
+            if child is None:
+                reason = (
+                    f"pid {pid} is neither a child of this server's process (pid {os.getpid()}) nor a "
+                    f"descendant of one (children_only)"
+                )
+                self._refused(pid, reason)
+            elif child != pid and ancestor is None:
+                ancestor = child
         if reason is None:
             try:
                 pin = self._new_pin(pid)
@@ -564,6 +596,13 @@ class PidTimerServer(TimerServer):
         self._events.emit(refusal, worker=pid, scope=scope, reason=reason)
         return False
 
+    def _rank_details(self, pid: int) -> Dict[str, int]:
+        """``{"rank": N}`` for a worker that said its rank (a descendant: its worker's), else nothing."""
+        rank = self._ranks.get(pid)
+        if rank is None and pid in self._lineage:
+            rank = self._ranks.get(self._lineage[pid])
+        return {} if rank is None else {"rank": rank}
+
     def _refused(self, pid: int, reason: str) -> None:
         """Called when a request of ``pid`` is refused by the allow-list (the shared-memory server tells its client)."""
 
@@ -586,6 +625,7 @@ class PidTimerServer(TimerServer):
         self._polled_pins.pop(pid, None)
         self._dump_handlers.discard(pid)
         self._lineage.pop(pid, None)
+        self._ranks.pop(pid, None)
         if pin is not None:
             if pin.fileno() >= 0:
                 self._unwatch_fd(pin.fileno())

@@ -30,6 +30,7 @@ __all__ = [
     "ReapPolicy",
     "ancestor_in",
     "check_policy",
+    "child_below",
     "pidfd_identity",
     "pidfd_inode",
     "process_state",
@@ -82,6 +83,24 @@ def ancestor_in(pid: int, pids: Container[int], depth: int = 64) -> Optional[int
             return None
         if pid in pids:
             return pid
+    return None
+
+
+def child_below(pid: int, parent: int, depth: int = 64) -> Optional[int]:
+    """Which child of ``parent`` is ``pid`` or its ancestor (following /proc's parent links), or None.
+
+    None when ``pid`` does not descend from ``parent`` or /proc is unreadable (Linux only).
+    """
+    for _ in range(depth):
+        fields = stat_fields(pid)
+        if fields is None:
+            return None
+        above = int(fields[1])
+        if above == parent:
+            return pid
+        if above <= 1:
+            return None
+        pid = above
     return None
 
 

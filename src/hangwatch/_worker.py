@@ -15,6 +15,8 @@ request)::
   writing to that descriptor (an in-memory file). The server sends the signal and reads
   the all-thread stack from ``/proc/PID/fd/FD`` before the kill. The handler is C code
   run by the kernel's signal delivery, so it works while the worker holds the GIL.
+- ``rank``: the worker's global rank (its ``RANK`` variable, as torchrun and ``hangwatch run``
+  set it), so the server's events and reports name ranks, not only pids.
 - ``reap``: the reap policy chosen by the client or the ``expires`` call (see
   :class:`~hangwatch.ReapPolicy`); ``"server"`` means the server's. Without the key a
   request follows torch's rule (its own ``signal``, or the server's policy).
@@ -159,11 +161,20 @@ def identity(dump_signal: int, policy: Optional[ReapPolicy] = None, *, server_po
     if fd >= 0:
         info["dump_signal"] = dump_signal
         info["dump_fd"] = fd
+    rank = _own_rank()
+    if rank is not None:
+        info["rank"] = rank
     if policy is not None:
         info["reap"] = policy.to_wire()
     elif server_policy:
         info["reap"] = "server"
     return info
+
+
+def _own_rank() -> Optional[int]:
+    """This process's ``RANK`` (set by torchrun and ``hangwatch run``), or None when unset or not a rank."""
+    text = os.environ.get("RANK", "")
+    return int(text) if text.isdigit() and len(text) < 10 else None
 
 
 class WorkerInfo(NamedTuple):
@@ -174,6 +185,7 @@ class WorkerInfo(NamedTuple):
     dump_signal: int
     dump_fd: int
     policy: Union[ReapPolicy, str, None]  # a policy, "server", or None (torch's rule)
+    rank: Optional[int] = None  # the worker's global rank, when it said
 
 
 def _int_field(info: Mapping[str, Any], key: str, low: int, high: float) -> Optional[int]:
@@ -203,7 +215,8 @@ def parse_identity(info: object) -> WorkerInfo:
         raise ValueError("hangwatch.dump_signal and hangwatch.dump_fd go together")
     if dump_signal is not None and (dump_signal not in VALID_SIGNALS or dump_signal in _UNREGISTRABLE):
         raise ValueError(f"hangwatch.dump_signal {dump_signal} is not a signal a dump handler can use")
+    rank = _int_field(info, "rank", 0, (1 << 31) - 1)
     reap = info.get("reap")
     policy: Union[ReapPolicy, str, None]
     policy = reap if reap is None or reap == "server" else ReapPolicy.from_wire(reap)
-    return WorkerInfo(start, pidfd_ino, dump_signal or 0, -1 if dump_fd is None else dump_fd, policy)
+    return WorkerInfo(start, pidfd_ino, dump_signal or 0, -1 if dump_fd is None else dump_fd, policy, rank)

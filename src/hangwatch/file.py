@@ -529,6 +529,9 @@ class FileTimerServer(PidTimerServer):
         reap_policy: the server's reap policy (default: stack dump if registered, then SIGKILL);
             its ``grace``, ``dump`` and ``dump_timeout`` also apply to torch clients' signals.
         allowed_pids: if given, only these pids are ever signalled (see ``set_allowed_pids``).
+        children_only: reap only this process's children and their descendants (a launcher
+            such as torch's agent starts every worker as its direct child); a request naming
+            any other pid is refused.
         event_file: append every event to this file as JSON lines.
         on_event: called with every :class:`~hangwatch.Event`.
         signal_self: torch's behaviour: after reaping a worker, send the same signal to this
@@ -552,6 +555,7 @@ class FileTimerServer(PidTimerServer):
         *,
         reap_policy: Optional[ReapPolicy] = None,
         allowed_pids: Optional[Iterable[int]] = None,
+        children_only: bool = False,
         event_file: Union[str, os.PathLike[str], None] = None,
         on_event: Optional[EventSink] = None,
         signal_self: bool = False,
@@ -570,6 +574,7 @@ class FileTimerServer(PidTimerServer):
         *,
         reap_policy: Optional[ReapPolicy] = None,
         allowed_pids: Optional[Iterable[int]] = None,
+        children_only: bool = False,
         event_file: Union[str, os.PathLike[str], None] = None,
         on_event: Optional[EventSink] = None,
         signal_self: bool = False,
@@ -667,7 +672,7 @@ class FileTimerServer(PidTimerServer):
         return f"FileTimerServer({self._file_path!r}, run_id={self._run_id!r})"
 
 
-_SERVER_EXTRAS = frozenset({"reap_policy", "allowed_pids", "event_file", "on_event", "limits", "pin"})
+_SERVER_EXTRAS = frozenset({"reap_policy", "allowed_pids", "children_only", "event_file", "on_event", "limits", "pin"})
 
 
 def _server_args(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[str, float, bool, Any]:

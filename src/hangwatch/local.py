@@ -482,6 +482,9 @@ class LocalTimerServer(PidTimerServer):
         reap_policy: how workers are reaped unless their client chooses (default: stack dump
             if registered, then SIGKILL).
         allowed_pids: if given, only these pids are ever signalled (see ``set_allowed_pids``).
+        children_only: reap only this process's children and their descendants (a launcher
+            such as torch's agent starts every worker as its direct child); a request naming
+            any other pid is refused.
         event_file: append every event to this file as JSON lines.
         on_event: called with every :class:`~hangwatch.Event`.
         limits: what one client may cost this server (default :class:`~hangwatch.Limits`).
@@ -501,6 +504,7 @@ class LocalTimerServer(PidTimerServer):
         log_event: Optional[Callable[[str, Any], None]] = None,
         reap_policy: Optional[ReapPolicy] = None,
         allowed_pids: Optional[Iterable[int]] = None,
+        children_only: bool = False,
         event_file: Union[str, os.PathLike[str], None] = None,
         on_event: Optional[EventSink] = None,
         limits: Optional[Limits] = None,
@@ -513,6 +517,7 @@ class LocalTimerServer(PidTimerServer):
             log_event,
             reap_policy=reap_policy,
             allowed_pids=allowed_pids,
+            children_only=children_only,
             event_file=event_file,
             on_event=on_event,
             limits=limits,

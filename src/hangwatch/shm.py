@@ -877,7 +877,7 @@ class _SlotQueue(RequestQueue):
         if isinstance(mono, bool) or not isinstance(mono, (int, float)) or not math.isfinite(mono):
             raise ValueError(f"mono must be a finite number (got {mono!r})")
         claimed = parse_identity(
-            {k: hello[k] for k in ("start", "pidfd_ino", "dump_signal", "dump_fd", "reap") if k in hello}
+            {k: hello[k] for k in ("start", "pidfd_ino", "dump_signal", "dump_fd", "reap", "rank") if k in hello}
         )
         inode = self._peer_identity(region)
         region.info = claimed._replace(pidfd_ino=inode) if inode is not None else claimed
@@ -1080,6 +1080,9 @@ class SharedMemoryTimerServer(PidTimerServer):
         reap_policy: how workers are reaped unless their client chose a policy
             (default: stack dump if registered, then SIGKILL).
         allowed_pids: if given, only these pids are ever signalled (see ``set_allowed_pids``).
+        children_only: reap only this process's children and their descendants (a launcher
+            such as torch's agent starts every worker as its direct child); a request naming
+            any other pid is refused.
         event_file: append every event to this file as JSON lines.
         on_event: called with every :class:`~hangwatch.Event`.
         limits: what one client may cost this server (default :class:`~hangwatch.Limits`):
@@ -1104,6 +1107,7 @@ class SharedMemoryTimerServer(PidTimerServer):
         max_slots: int = _SERVER_SLOTS,
         reap_policy: Optional[ReapPolicy] = None,
         allowed_pids: Optional[Iterable[int]] = None,
+        children_only: bool = False,
         event_file: Union[str, os.PathLike[str], None] = None,
         on_event: Optional[EventSink] = None,
         limits: Optional[Limits] = None,
@@ -1124,6 +1128,7 @@ class SharedMemoryTimerServer(PidTimerServer):
                 log_event,
                 reap_policy=reap_policy,
                 allowed_pids=allowed_pids,
+                children_only=children_only,
                 event_file=event_file,
                 on_event=on_event,
                 limits=limits,

@@ -16,7 +16,7 @@ from .._evidence import GroupSnapshot, ProcessEvidence
 from .._stacks import Frame, ThreadStack, main_thread
 from ..triage import DATA, Place, Verdict, classify, place_of, ranks_text
 
-__all__ = ["LAUNCH_FRAMES", "HangReport", "ProcessReport", "build_report"]
+__all__ = ["LAUNCH_FRAMES", "HangReport", "ProcessReport", "RemoteNode", "build_report"]
 
 # Frames of how a worker was started, not of what it ran.
 LAUNCH_FRAMES = ("<frozen runpy>", "/runpy.py", "/hangwatch/_bootstrap.py")
@@ -48,6 +48,11 @@ class ProcessReport:
     stack: Optional[str]
     native: Optional[str]
     notes: List[str]
+    node: Optional[int] = None
+
+    def who(self) -> str:
+        """``rank 3 (pid 811)``, or ``rank 3 (node 1, pid 811)`` in a report that spans nodes."""
+        return f"rank {self.rank} ({'' if self.node is None else f'node {self.node}, '}pid {self.pid})"
 
     def to_dict(self) -> Dict[str, Any]:
         """As JSON-compatible values."""
@@ -60,7 +65,23 @@ class ProcessReport:
             "stack": self.stack,
             "native": self.native,
             "notes": list(self.notes),
+            "node": self.node,
         }
+
+
+@dataclasses.dataclass
+class RemoteNode:
+    """Another node's ranks, for a report that spans the job's nodes.
+
+    Attributes:
+        node: the node's rank (``GROUP_RANK``).
+        snapshot: its ranks' stacks, as that node took them.
+        fates: what became of its processes, by pid (that node's pids), when it said.
+    """
+
+    node: int
+    snapshot: GroupSnapshot
+    fates: Mapping[int, str]
 
 
 @dataclasses.dataclass
@@ -76,6 +97,9 @@ class HangReport:
         taken_at: when the stacks were taken (``time.time()``).
         seconds: how long taking them took.
         native_note: why there are no native frames, when there are none.
+        nodes: for a report that spans nodes, a line on each other node's ranks (whose
+            stacks that node took, and when); empty for one node.
+        node: this node's rank in a multi-node job (None on hangwatch's single-node agent).
     """
 
     attempt: int
@@ -86,6 +110,8 @@ class HangReport:
     taken_at: float
     seconds: float
     native_note: Optional[str] = None
+    nodes: List[str] = dataclasses.field(default_factory=list)
+    node: Optional[int] = None
 
     @property
     def culprits(self) -> List[int]:
@@ -95,12 +121,16 @@ class HangReport:
     def render(self) -> List[str]:
         """The report as lines for a person: headlines, and stack lines indented by four spaces."""
         verdict = self.verdict
-        running = [r for r, p in self.ranks.items() if p.threads or "it had exited" not in p.notes]
-        which = f"all {len(running)} ranks" if len(running) == len(self.ranks) else f"the {len(running)} running ranks"
-        which = "the only running rank" if len(running) == 1 and len(self.ranks) > 1 else which
+        local = {r: p for r, p in self.ranks.items() if p.node == self.node}
+        running = [r for r, p in local.items() if p.threads or "it had exited" not in p.notes]
+        which = f"all {len(running)} ranks" if len(running) == len(local) else f"the {len(running)} running ranks"
+        which = "the only running rank" if len(running) == 1 and len(local) > 1 else which
+        if self.nodes:
+            which = f"{which} of this node ({ranks_text(sorted(local))})"
         out = [
             f"{self.trigger}; the stacks of {which} were taken before any was signalled ({self.seconds * 1000:.0f} ms)"
         ]
+        out += [f"  {line}" for line in self.nodes]
         if verdict.culprits:
             for rank in verdict.culprits[:_MAX_SHOWN]:
                 out += self._culprit(rank, verdict.confidence, first=rank == verdict.culprits[0])
@@ -136,7 +166,7 @@ class HangReport:
         proc = self.ranks[rank]
         place = proc.place
         where = proc.fate if place is None else place.describe()
-        out = [f"likely cause: rank {rank} (pid {proc.pid}), {where} (confidence: {confidence})"]
+        out = [f"likely cause: {proc.who()}, {where} (confidence: {confidence})"]
         user = None if place is None else place.user
         if user is not None:
             source = linecache.getline(user.file, user.line).strip()
@@ -156,6 +186,8 @@ class HangReport:
         """As JSON-compatible values (the ``hang report`` event's details)."""
         verdict = self.verdict
         return {
+            "node": self.node,
+            "nodes": list(self.nodes),
             "attempt": self.attempt,
             "trigger": self.trigger,
             "culprits": list(verdict.culprits),
@@ -202,7 +234,7 @@ def _trigger_text(snapshot: GroupSnapshot) -> str:
     return f"timer {scope!r} of {who} expired"
 
 
-def _process(evidence: ProcessEvidence, fate: str) -> ProcessReport:
+def _process(evidence: ProcessEvidence, fate: str, node: Optional[int] = None) -> ProcessReport:
     threads = evidence.threads()
     return ProcessReport(
         evidence.pid,
@@ -214,6 +246,7 @@ def _process(evidence: ProcessEvidence, fate: str) -> ProcessReport:
         evidence.python,
         evidence.native,
         list(evidence.notes),
+        node,
     )
 
 
@@ -223,6 +256,9 @@ def build_report(
     fates: Mapping[int, str],
     ended: Optional[Mapping[int, str]] = None,
     finished: Sequence[int] = (),
+    *,
+    node: Optional[int] = None,
+    remote: Sequence[RemoteNode] = (),
 ) -> HangReport:
     """The report of a failed attempt.
 
@@ -233,15 +269,27 @@ def build_report(
             was stopped with its worker).
         ended: the ranks that had failed by themselves before the stacks were taken, with how.
         finished: the ranks that had finished (exit status 0) before the stacks were taken.
+        node: this node's rank, in a multi-node job.
+        remote: the other nodes' ranks, in a multi-node job: the culprit is chosen among all.
     """
     ranks: Dict[int, ProcessReport] = {}
     children: Dict[int, List[ProcessReport]] = {}
-    for rank, pid in sorted(snapshot.members.items()):
-        evidence = snapshot.processes.get(pid) or ProcessEvidence(pid, rank, notes=["it had exited"])
-        ranks[rank] = _process(evidence, fates.get(pid, "unknown"))
-        children[rank] = [
-            _process(child, fates.get(child.pid, "stopped with its worker")) for child in snapshot.descendants(rank)
-        ]
+    lines: List[str] = []
+    for part, part_fates, where in [(snapshot, fates, node), *((r.snapshot, r.fates, r.node) for r in remote)]:
+        lead = "" if part is snapshot else f"on node {where}: "
+        for rank, pid in sorted(part.members.items()):
+            if rank in ranks:
+                continue  # two nodes claim a rank: the first (this node) is kept
+            evidence = part.processes.get(pid) or ProcessEvidence(pid, rank, notes=["it had exited"])
+            ranks[rank] = _process(evidence, lead + part_fates.get(pid, "unknown"), where)
+            children[rank] = [
+                _process(child, lead + part_fates.get(child.pid, "stopped with its worker"), where)
+                for child in part.descendants(rank)
+            ]
+        if part is not snapshot:
+            late = part.taken_at - snapshot.taken_at
+            when = f"{abs(late) * 1000:.0f} ms {'after' if late >= 0 else 'before'} this node's"
+            lines.append(f"{ranks_text(sorted(part.members))} on node {where}: stacks taken by that node, {when}")
     verdict = classify({rank: (p.threads or None) for rank, p in ranks.items()}, ended=ended, finished=finished)
     return HangReport(
         attempt,
@@ -252,4 +300,6 @@ def build_report(
         snapshot.taken_at,
         snapshot.seconds,
         snapshot.native_note,
+        lines,
+        node,
     )

@@ -56,7 +56,8 @@ class WorkerSpec:
         if self.rdzv_handler is not None:
             raise ValueError(
                 "hangwatch's LocalElasticAgent runs the workers of one node and takes no rdzv_handler; for "
-                "multi-node jobs use torchrun with TORCHELASTIC_ENABLE_FILE_TIMER=1 and hangwatch's clients"
+                "multi-node jobs run 'hangwatch run --nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...' "
+                "on every node (torch's elastic engine, with hangwatch's timer servers)"
             )
         if self.fn is not None and self.entrypoint is not None:
             raise ValueError("give either entrypoint or fn (its deprecated alias), not both")
