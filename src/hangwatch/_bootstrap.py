@@ -19,11 +19,13 @@ code written for torchrun's file timer finds it enabled, served by hangwatch's F
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import os
 import runpy
 import signal
 import sys
+import types
 from typing import List, Optional
 
 from ._cgroup import join_from_env
@@ -59,6 +61,24 @@ def let_parent_trace(parent: Optional[int]) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PTRACER, parent, 0, 0, 0)
 
 
+def _run_script(target: str, rest: List[str]) -> None:
+    """Run a script as ``python script.py`` would: ``sys.argv[0]`` as typed, ``__file__`` absolute, in ``__main__``."""
+    path = os.path.abspath(target)
+    sys.path[0] = os.path.dirname(path)
+    if not os.path.isfile(path):  # a directory or a zip file with a __main__.py
+        sys.argv = [target, *rest]
+        runpy.run_path(target, run_name="__main__")
+        return
+    with open(path, "rb") as f:
+        code = compile(f.read(), path, "exec", dont_inherit=True)
+    main = types.ModuleType("__main__")
+    main.__file__ = path
+    main.__builtins__ = builtins  # type: ignore[attr-defined]
+    sys.modules["__main__"] = main
+    sys.argv = [target, *rest]
+    exec(code, main.__dict__)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point (see the module docstring)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -85,10 +105,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     configure_from_env(required=False)
     if mode == "--script":
-        sys.argv = [target, *rest]  # as python (and torchrun) give them: argv[0] as typed, __file__ absolute
-        path = os.path.abspath(target)
-        sys.path[0] = os.path.dirname(path)
-        runpy.run_path(path, run_name="__main__")
+        _run_script(target, rest)
     else:
         sys.argv = [target, *rest]
         sys.path[0] = os.getcwd()

@@ -66,6 +66,7 @@ class _Group:
     pins: Dict[int, ProcessPin] = field(default_factory=dict)  # by rank
     status: Dict[int, Optional[int]] = field(default_factory=dict)  # rank -> exit code (-N: signal N)
     ended_at: Dict[int, float] = field(default_factory=dict)
+    ended_wall: Dict[int, float] = field(default_factory=dict)  # the same, as time.time()
     evidence: Optional[GroupEvidence] = None
     asked: bool = False
     published: bool = False
@@ -291,10 +292,12 @@ class NodeWatch:
                 rank = fds[fd]
                 group.status[rank] = _peek_status(group.pins[rank])
                 group.ended_at[rank] = time.monotonic()
+                group.ended_wall[rank] = time.time()
             for rank, pin in waiting.items():
                 if pin.fileno() < 0 and not pin.alive():
                     group.status[rank] = None
                     group.ended_at[rank] = time.monotonic()
+                    group.ended_wall[rank] = time.time()
         evidence = group.evidence
         exchange = self._exchange if group.nodes > 1 else None
         if exchange is not None and evidence is not None:
@@ -344,12 +347,7 @@ class NodeWatch:
             reap = group.reaps.get(pid)
             code = group.status.get(rank)
             if reap is not None:
-                late = reap.details.get("late_s")
-                fates[pid] = f"reaped: timer {reap.scope!r} expired" + (
-                    f", signalled {float(late) * 1000:.0f} ms after its deadline"
-                    if isinstance(late, (int, float))
-                    else ""
-                )
+                fates[pid] = f"reaped: timer {reap.scope!r} expired; killed by {reap.details.get('signal', 'a signal')}"
             elif code == 0:
                 fates[pid] = "finished (exit status 0)"
             elif code is None:
@@ -398,7 +396,11 @@ class NodeWatch:
         reaped = sorted(r for r, pid in group.members.items() if pid in group.reaps)
         summary["reaped"] = reaped
         if snapshot is not None:
-            report = build_report(group.number, snapshot, fates, node=group.node, remote=remote)
+            before = [r for r, when in group.ended_wall.items() if when <= snapshot.taken_at]
+            finished = [r for r in before if group.status.get(r) == 0]
+            ended = {r: fates[group.members[r]] for r in before if (group.status.get(r) or 0) > 0}
+            here = group.node if group.nodes > 1 else None  # one node: ranks are named without it
+            report = build_report(group.number, snapshot, fates, ended, finished, node=here, remote=remote)
             self._reporter.hang_report(f"{label} failed: ", report)
             if group.nodes > 1 and not remote:
                 why = exchange.error if exchange is not None and exchange.error else "no other node answered in time"
@@ -410,9 +412,23 @@ class NodeWatch:
             summary["culprit_place"] = None if user is None else user.short()
             if self._events is not None:
                 self._events.emit("hang report", **report.to_dict())
+            lates = [
+                float(late) * 1000
+                for late in (group.reaps[group.members[r]].details.get("late_s") for r in reaped)
+                if isinstance(late, (int, float))
+            ]
+            when = ""
+            if lates:
+                span = (
+                    f"{min(lates):.0f}"
+                    if round(min(lates)) == round(max(lates))
+                    else f"{min(lates):.0f}-{max(lates):.0f}"
+                )
+                when = f", first signalled {span} ms after {'its deadline' if len(lates) == 1 else 'their deadlines'}"
+            which = ranks_text(reaped) if reaped else "none"
             self._reporter.say(
                 f"  {plural(group.expired, 'timer expired', 'timers expired')} on this node; "
-                f"{plural(len(reaped), 'rank reaped', 'ranks reaped')} ({ranks_text(reaped) if reaped else 'none'})"
+                f"{plural(len(reaped), 'rank reaped', 'ranks reaped')} ({which}){when}"
             )
         elif all(code == 0 for code in codes):
             self._reporter.say(f"{label}: all {len(ranks)} workers of this node finished ({ranks_text(ranks)})")
