@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import time
 from typing import Any, Optional
 
@@ -657,3 +659,24 @@ def shm_connection_churn(path: str, seconds: float, ready: Any) -> None:
         time.sleep(0.05)
         for s in socks:
             s.close()
+
+
+def ranked_stuck_file(path: str, after: float, rank: str) -> None:
+    os.environ["RANK"] = rank  # as torchrun sets it: the client tells the server
+    stuck_file(path, after, 9)
+
+
+def children_only_server(path: str, events_file: str, seconds: float, member_pid_file: str) -> None:
+    """A FIFO server reaping only its own children (in this process), and one child of it stuck with RANK=5."""
+    server = hangwatch.FileTimerServer(path, "job", max_interval=0.05, children_only=True, event_file=events_file)
+    server.start()
+    member = mp.get_context("spawn").Process(target=ranked_stuck_file, args=(path, 0.3, "5"))
+    member.start()
+    with open(member_pid_file, "w") as f:
+        f.write(str(member.pid))
+    member.join(seconds)
+    time.sleep(max(0.0, seconds - 1))
+    server.stop()
+    if member.is_alive():
+        member.kill()
+        member.join()

@@ -250,6 +250,34 @@ class TestTargets:
         server.stop()
         assert member.exitcode == -SIGKILL
 
+    def test_children_only_reaps_the_servers_children_and_refuses_any_other_process(self, tmp_path: Path) -> None:
+        """children_only (what the launcher uses under torch's engine): the server's own child is reaped, and its
+        events name the rank the child said; a process that is not the server's descendant is never signalled."""
+        path, log, member_file = str(tmp_path / "timer.fifo"), tmp_path / "events.jsonl", tmp_path / "member"
+        server = spawn.Process(target=_workers.children_only_server, args=(path, str(log), 6.0, str(member_file)))
+        server.start()
+        try:
+            assert wait_for(lambda: os.path.exists(path), 30)
+            outsider = spawn.Process(target=_workers.stuck_file, args=(path, 0.3, int(SIGKILL)))
+            outsider.start()
+            try:
+                server.join(60)
+                assert server.exitcode == 0
+                assert outsider.is_alive()  # the server's sibling: refused, never signalled
+            finally:
+                outsider.kill()
+                outsider.join()
+        finally:
+            if server.is_alive():
+                server.kill()
+                server.join()
+        events = [json.loads(line) for line in log.read_text().splitlines()]
+        member = int(member_file.read_text())
+        kills = [e for e in events if e["name"] == "kill worker process"]
+        assert [(e["worker"], e["details"].get("rank")) for e in kills] == [(member, 5)], events
+        refused = [e for e in events if e["name"] == "bad request" and e["worker"] == outsider.pid]
+        assert refused and "(children_only)" in refused[0]["details"]["reason"], events
+
     def test_worker_removed_from_the_allow_list_is_not_signalled(self, events: EventLog) -> None:
         """A worker pinned while allowed, then removed from the list, is refused at its deadline."""
         q = spawn.Queue()
