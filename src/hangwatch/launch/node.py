@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -434,10 +435,13 @@ class NodeWatch:
             self._reporter.say(f"{label}: all {len(ranks)} workers of this node finished ({ranks_text(ranks)})")
             summary["finished"] = True
         else:
-            failed = [r for r in ranks if (group.status.get(r) or 0) > 0]
+            failed = [r for r in ranks if _failed_by_itself(group.status.get(r))]
             if failed:
                 for rank in failed:
-                    self._reporter.say(f"{label}: rank {rank} (pid {group.members[rank]}) {fates[group.members[rank]]}")
+                    self._reporter.say(
+                        f"{label} failed: rank {rank} (pid {group.members[rank]}) {fates[group.members[rank]]}; "
+                        f"torch's agent stopped the others"
+                    )
             elif all(code is None or code == 0 for code in codes):
                 self._reporter.say(
                     f"{label}: the {plural(len(ranks), 'worker', 'workers')} of this node ended; torch's agent "
@@ -453,6 +457,13 @@ class NodeWatch:
                 )
         with self._lock:
             self.attempts.append(summary)
+
+
+def _failed_by_itself(code: Optional[int]) -> bool:
+    """A non-zero exit, or a signal other than the SIGTERM and SIGKILL of torch's group stop (SIGABRT, SIGSEGV)."""
+    if code is None or code == 0:
+        return False
+    return code > 0 or -code not in (int(signal.SIGTERM), int(signal.SIGKILL))
 
 
 def _trigger_text(trigger: Dict[str, Any]) -> str:
