@@ -248,11 +248,11 @@ def ignores_sigterm_or_fails(pid_file: str) -> None:
 # ----------------------------------------------------------------- shared memory (issue 5)
 
 
-def shm_stuck(path: str, after: float, scope: Optional[str]) -> None:
+def shm_stuck(path: str, after: float, scope: Optional[str], connect_timeout: float = 1.0) -> None:
     """Registers, runs healthy blocks, then gets stuck in one (default scope when scope is None)."""
     import time
 
-    hangwatch.configure(hangwatch.SharedMemoryTimerClient(path))
+    hangwatch.configure(hangwatch.SharedMemoryTimerClient(path, connect_timeout=connect_timeout))
     for _ in range(1000):
         with hangwatch.expires(after=60, scope="healthy"):
             pass

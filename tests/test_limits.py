@@ -135,7 +135,10 @@ class TestCaps:
         churners = [start_attacker(_workers.shm_connection_churn, server.socket_path, 15.0)[0] for _ in range(12)]
         try:
             honest = [
-                spawn.Process(target=_workers.shm_stuck, args=(server.socket_path, 0.5, "honest")) for _ in range(4)
+                # a long connect_timeout: on a loaded 2-core machine twelve churners can keep the pool busy for
+                # over the default second; what matters is that busy answers are tried again until one gets in
+                spawn.Process(target=_workers.shm_stuck, args=(server.socket_path, 0.5, "honest", 20.0))
+                for _ in range(4)
             ]
             for p in honest:
                 p.start()

@@ -38,7 +38,8 @@ stuck = int(os.environ.get("STUCK_RANK", "-1"))
 marker = sys.argv[1]
 t = torch.ones(4)
 for step in range(3):
-    with hangwatch.expires(after=float(os.environ.get("STEP_TIMEOUT", "3")), scope="train_step"):
+    patient = str(rank) in os.environ.get("PATIENT_RANKS", "").split(",")
+    with hangwatch.expires(after=600 if patient else 3, scope="train_step"):
         if rank == stuck and step == 1 and not os.path.exists(marker):
             open(marker, "w").close()
             time.sleep(3600)  # stuck: a read that never returns
@@ -141,6 +142,24 @@ def test_a_rank_stuck_on_one_node_is_reaped_explained_on_both_and_the_job_recove
     assert late, outputs
     assert max(late) < 3000, outputs  # milliseconds in practice; generous for a loaded machine
     assert outputs.count("done") == 4, outputs
+
+
+def test_a_node_whose_timers_did_not_expire_takes_its_stacks_when_asked_and_says_why_it_restarts(
+    tmp_path: Path,
+) -> None:
+    """Ranks 0 and 1 (node 0) wait with long timers: only node 1's expire. Node 0 is asked through the rendezvous
+    store, takes its ranks' stacks then, and its report says who asked and names rank 3 on node 1."""
+    script = job(tmp_path, TRAIN)
+    port = free_port()
+    env = {"STUCK_RANK": "3", "PATIENT_RANKS": "0,1"}
+    nodes = [launcher(script, port, "--max-restarts", "1", env=env) for _ in range(2)]
+    results = finish(nodes)
+    outputs = "\n".join(out for _, out in results)
+    assert [code for code, _ in results] == [0, 0], outputs
+    node0 = next(out for _, out in results if "node 0, attempt 1" in out)
+    assert re.search(r"node 0, attempt 1 failed: node 1 asked: timer 'train_step' of rank [23] expired", node0), node0
+    assert re.search(r"likely cause: rank 3 \(node 1, pid \d+\)", node0), node0
+    assert "0 timers expired on this node; 0 ranks reaped (none)" in node0, node0
 
 
 def test_without_restarts_both_nodes_fail_and_report_the_reaped_rank(tmp_path: Path) -> None:

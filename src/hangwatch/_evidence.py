@@ -224,6 +224,10 @@ class GroupEvidence:
         descendants: take the stacks of the members' descendants too (a server reaping one
             worker outside any group asks for the worker's alone).
         pin: how a process is pinned and signalled (tests pass a recorder).
+        then: called with the snapshot before the collection counts as done (so before any
+            reap that waits for it): a multi-node launcher shares it with the other nodes and
+            waits, at most ``then_timeout`` seconds, for theirs.
+        then_timeout: the longest ``then`` may take, in seconds (added to :meth:`deadline`).
     """
 
     def __init__(
@@ -236,8 +240,12 @@ class GroupEvidence:
         native_note: Optional[str] = INSTALL_HINT,
         descendants: bool = True,
         pin: Callable[[int], ProcessPin] = ProcessPin,
+        then: Optional[Callable[[GroupSnapshot], None]] = None,
+        then_timeout: float = 0.0,
     ) -> None:
         self.members = dict(members)
+        self._then = then
+        self._then_timeout = then_timeout if then is not None else 0.0
         self._descendants = descendants
         self._ranks = {pid: rank for rank, pid in self.members.items()}
         self._dump_timeout = dump_timeout
@@ -279,7 +287,7 @@ class GroupEvidence:
         if self._started_at is None:
             return None
         native = self._native_timeout if self._native is not None else 0.0
-        return self._started_at + self._dump_timeout + native + _SLACK
+        return self._started_at + self._dump_timeout + native + self._then_timeout + _SLACK
 
     def collect(self, **trigger: Any) -> bool:
         """Start the collection (once); ``trigger`` says why (``rank``, ``pid``, ``scope``, ``reason``).
@@ -338,6 +346,11 @@ class GroupEvidence:
         snapshot = GroupSnapshot(
             dict(self.members), found, trigger, wall, time.monotonic() - started, self._native_note
         )
+        if self._then is not None:
+            try:
+                self._then(snapshot)
+            except Exception:
+                logger.exception("hangwatch: sharing the worker group's stacks failed")
         with self._lock:
             self.snapshot = snapshot
             self._done.set()

@@ -123,7 +123,8 @@ class HangReport:
         verdict = self.verdict
         local = {r: p for r, p in self.ranks.items() if p.node == self.node}
         running = [r for r, p in local.items() if p.threads or "it had exited" not in p.notes]
-        which = f"all {len(running)} ranks" if len(running) == len(local) else f"the {len(running)} running ranks"
+        every = "both" if len(running) == 2 else f"all {len(running)}"
+        which = f"{every} ranks" if len(running) == len(local) else f"the {len(running)} running ranks"
         which = "the only running rank" if len(running) == 1 and len(local) > 1 else which
         if self.nodes:
             which = f"{which} of this node ({ranks_text(sorted(local))})"

@@ -130,8 +130,13 @@ class StoreExchange:
         """Publish this node's snapshot (and, once its group ended, its ranks' fates)."""
         self._call("set", self._key(round_key, f"node/{node}"), json.dumps(value))
 
-    def gather(self, round_key: str, nodes: int, me: int, until: float, since: float) -> Dict[int, Dict[str, Any]]:
+    def gather(
+        self, round_key: str, nodes: int, me: int, until: float, since: float, *, final: bool = True
+    ) -> Dict[int, Dict[str, Any]]:
         """The other nodes' publications of this round, waiting for them until ``until`` (``time.monotonic()``).
+
+        With ``final``, it waits for each node's last publication (made once its group ended,
+        with its ranks' fates), else for any.
 
         A publication whose stacks were taken before ``since`` (``time.time()``) is an earlier
         round's, on the same port, and is left out.
@@ -144,11 +149,11 @@ class StoreExchange:
                     continue
                 key = self._key(round_key, f"node/{node}")
                 value = self._read(key, since)
-                if value is not None and value.get("final"):
+                if value is not None and (value.get("final") or not final):
                     found[node] = value
             if len(found) == len(wanted) or time.monotonic() >= until:
                 break
-            time.sleep(0.05)
+            time.sleep(0.005 if not final else 0.05)
         for node in wanted:  # a node whose group has not ended yet: its snapshot as it stands
             if node not in found:
                 value = self._read(self._key(round_key, f"node/{node}"), since)

@@ -19,6 +19,7 @@ must still reap its children; a status torch's agent collected first is reported
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -43,10 +44,11 @@ __all__ = ["NodeWatch"]
 
 logger = logging.getLogger("hangwatch.launch")
 
-_TICK = 0.05  # seconds between looks at the children, the store, the evidence
+_TICK = 0.02  # seconds between looks at the children, the store (has another node asked?), the evidence
 _SETTLE = 1.0  # a group whose workers are not all seen by then is followed as it is
 _REAP_EVENT_WAIT = 0.5  # a killed worker's reap event may trail its death
 _SKEW = 1.0  # seconds: what the store holds from before a round started is older (a reused port's round)
+_REMOTE_WAIT = 1.0  # the longest a node's first reap waits for the other nodes' stacks (usually tens of ms)
 _GATHER = 3.0  # after this node's stacks, the longest wait for the other nodes' (their own dump time)
 
 
@@ -69,8 +71,6 @@ class _Group:
     ended_at: Dict[int, float] = field(default_factory=dict)
     ended_wall: Dict[int, float] = field(default_factory=dict)  # the same, as time.time()
     evidence: Optional[GroupEvidence] = None
-    asked: bool = False
-    published: bool = False
     reaps: Dict[int, Event] = field(default_factory=dict)  # pid -> its first signal's event
     expired: int = 0
 
@@ -271,12 +271,15 @@ class NodeWatch:
 
     def _arm(self, group: _Group) -> None:
         """The group's evidence, handed to the timer servers: their first expiry takes every rank's stack."""
+        shared = self._exchange is not None and group.nodes > 1
         group.evidence = GroupEvidence(
             group.members,
             dump_timeout=self._dump_timeout,
             native=self._native,
             native_timeout=self._native_timeout,
             native_note=self._native_note,
+            then=functools.partial(self._share, group) if shared else None,
+            then_timeout=_REMOTE_WAIT if shared else 0.0,
         )
         for server in self._servers:
             server.set_group(group.evidence)
@@ -301,22 +304,24 @@ class NodeWatch:
                     group.ended_wall[rank] = time.time()
         evidence = group.evidence
         exchange = self._exchange if group.nodes > 1 else None
-        if exchange is not None and evidence is not None:
-            if evidence.started and not group.asked:
-                group.asked = True
-                exchange.ask(group.round, group.node, _trigger_text(evidence.trigger))
-            elif not evidence.started and not group.ended_at:
-                asked = exchange.asked(group.round, group.wall - _SKEW)
-                if asked is not None and asked.get("node") != group.node:
-                    group.asked = True
-                    evidence.collect(
-                        reason=f"node {asked.get('node')} asked: {asked.get('trigger') or 'a timer expired'}"
-                    )
-            if evidence.done and not group.published and evidence.snapshot is not None:
-                group.published = True
-                exchange.publish(group.round, group.node, {"snapshot": evidence.snapshot.to_dict(), "final": False})
+        if exchange is not None and evidence is not None and not evidence.started and not group.ended_at:
+            asked = exchange.asked(group.round, group.wall - _SKEW)
+            if asked is not None and asked.get("node") != group.node:
+                why = asked.get("trigger") or "a timer expired"
+                evidence.collect(reason=f"node {asked.get('node')} asked: {why}")
         if group.pins and len(group.ended_at) == len(group.pins):
             self._end(group)
+
+    def _share(self, group: _Group, snapshot: GroupSnapshot) -> None:
+        """From the evidence thread, before this node's first reap: publish this node's stacks, ask the other nodes
+        for theirs, and wait (at most ``_REMOTE_WAIT``) until they are in, so no rank is signalled before every
+        node has seen its ranks as they were."""
+        assert self._exchange is not None
+        exchange = self._exchange.another()
+        exchange.publish(group.round, group.node, {"snapshot": snapshot.to_dict(), "final": False})
+        exchange.ask(group.round, group.node, _trigger_text(snapshot.trigger))
+        until = time.monotonic() + _REMOTE_WAIT
+        exchange.gather(group.round, group.nodes, group.node, until, group.wall - _SKEW, final=False)
 
     # ----------------------------------------------------------------- the end of a group
 
