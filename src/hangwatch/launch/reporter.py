@@ -27,6 +27,7 @@ class Reporter:
         self._refused: Set[int] = set()
 
     def say(self, text: str) -> None:
+        """One line, ``hangwatch: `` first."""
         with self._lock:
             self.out.write(f"hangwatch: {text}\n")
             self.out.flush()
@@ -47,6 +48,7 @@ class Reporter:
         )
 
     def attempt(self, attempt: Attempt) -> None:
+        """An attempt of the single-node agent as it ends: its outcome, or its hang report and counts."""
         label = f"attempt {attempt.number + 1} of {self.total}"
         if attempt.outcome == SUCCEEDED:
             self.say(f"{label}: all {len(attempt.pids)} workers finished ({attempt.seconds:.1f} s)")
@@ -82,6 +84,7 @@ class Reporter:
             self.out.flush()
 
     def summary(self, result: RunResult, seconds: float) -> None:
+        """The run's last lines: how it ended, and each failed attempt's likely cause."""
         workers = sum(1 for a in result.attempts for r in a.reaped if not r.child)
         children = sum(1 for a in result.attempts for r in a.reaped if r.child)
         tried = f"{len(result.attempts)} attempt{'s' if len(result.attempts) != 1 else ''}"
@@ -103,6 +106,7 @@ class Reporter:
 
 
 def plural(count: int, one: str, many: str) -> str:
+    """``1 worker``, ``2 workers``."""
     return f"{count} {one if count == 1 else many}"
 
 
