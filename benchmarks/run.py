@@ -10,6 +10,8 @@ Figures, for every hangwatch pair (shared memory, Local queue, FIFO) and torch's
 2. a FIFO client's tight loop of 1,000,000 blocks: completes, or how far it got;
 3. drain: 8 clients x 10,000 blocks, then a stuck sentinel: wall time, how late the
    sentinel died, and whether every request was counted;
+   storm: 8 workers (then 4 per core, at least 16) x 10,000 blocks, each then at once in a 0.05 s block
+   that hangs: how late the worst was seen dead;
 4. reap latency: how long after its deadline a stuck worker was signalled and seen dead;
 5. scale: with 100,000 active timers, reap latency percentiles; the deadline book's
    cost per round at 1k/10k/100k timers; an idle server's CPU with 1,000 long timers;
@@ -144,6 +146,24 @@ def _stuck(lib: str, pair: str, endpoint: Any, after: float, deadline: Any, star
         time.sleep(3600)
 
 
+def _storm_worker(
+    lib: str, pair: str, endpoint: Any, blocks: int, after: float, deadlines: Any, index: int, start: Any, ready: Any
+) -> None:
+    """A busy stretch of ``blocks`` blocks, then at once a block of ``after`` seconds that hangs."""
+    mod = _configure(lib, pair, endpoint)
+    expires = mod.expires
+    with expires(after=60, scope="warm-up"):
+        pass
+    ready.release()
+    start.wait()
+    for _ in range(blocks):
+        with expires(after=60, scope="bench"):
+            pass
+    deadlines[index] = time.time() + after
+    with expires(after=after, scope="stuck"):
+        time.sleep(3600)
+
+
 def _holder(lib: str, pair: str, endpoint: Any, timers: int, ready: Any, release: Any) -> None:
     """Holds ``timers`` long timers (distinct scopes) until told to go."""
     mod = _configure(lib, pair, endpoint)
@@ -167,9 +187,17 @@ def _torch_file_server(path: str) -> None:
 class Servers:
     """Starts one server of a (library, pair) and hands out its endpoint."""
 
-    def __init__(self, lib: str, pair: str, log_event: Optional[Callable[[str, Any], None]] = None) -> None:
+    def __init__(
+        self,
+        lib: str,
+        pair: str,
+        log_event: Optional[Callable[[str, Any], None]] = None,
+        torch_interval: Optional[float] = None,
+    ) -> None:
         self.lib, self.pair = lib, pair
-        extra = {"log_event": log_event} if log_event is not None else {}
+        extra: Dict[str, Any] = {"log_event": log_event} if log_event is not None else {}
+        if lib == "torch" and torch_interval is not None:
+            extra["max_interval"] = torch_interval
         self.process: Optional[Any] = None
         self.dir = tempfile.mkdtemp(prefix="hw-bench-")
         mod: Any = hangwatch if lib == "hangwatch" else _torch()
@@ -319,6 +347,54 @@ def drain(lib: str, pair: str, clients: int, blocks: int) -> Dict[str, Any]:
         "requests_sent": sent if pair != "shm" else None,
         "requests_counted": counted,
         "active_after": active,
+    }
+
+
+# ------------------------------------------------------------------ 3b: storm, then hang
+
+
+def storm(lib: str, pair: str, workers: int, blocks: int, after: float = 0.05) -> Dict[str, Any]:
+    """``workers`` processes each run ``blocks`` blocks, then at once enter an ``after`` s block and hang.
+
+    The figure: how long after its deadline each was seen dead (the worst, and the median). torch's
+    servers run at torchrun's 0.1 s interval.
+    """
+    servers = Servers(lib, pair, torch_interval=0.1)
+    try:
+        start = ctx.Event()
+        ready = ctx.Semaphore(0)
+        deadlines = ctx.Array("d", [0.0] * workers)
+        procs = []
+        for index in range(workers):
+            p = ctx.Process(
+                target=_storm_worker,
+                args=(lib, pair, servers.endpoint, blocks, after, deadlines, index, start, ready),
+            )
+            p.start()
+            procs.append(p)
+        for _ in range(workers):
+            ready.acquire(timeout=120)
+        time.sleep(0.2)
+        start.set()
+        died: Dict[int, float] = {}
+        waiting = {p.sentinel: i for i, p in enumerate(procs)}
+        limit = time.monotonic() + 120
+        while waiting and time.monotonic() < limit:
+            for sentinel in mp.connection.wait(list(waiting), timeout=1.0):
+                died[waiting.pop(sentinel)] = time.time()  # type: ignore[index]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    finally:
+        servers.stop()
+    late = [(died[i] - deadlines[i]) * 1000 for i in died if deadlines[i]]
+    return {
+        "workers": workers,
+        "blocks": blocks,
+        "worst_ms": max(late) if len(late) == workers else None,
+        "median_ms": statistics.median(late) if late else None,
+        "not_reaped": workers - len(late),
     }
 
 
@@ -561,6 +637,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "per_block": {},
         "reap": {},
         "drain": {},
+        "storm": {},
         "scale": {},
     }
     print(f"python {results['python']}; torch {results['torch'] or 'not installed'}; {results['cores']} cores\n")
@@ -621,6 +698,26 @@ def main(argv: Optional[List[str]] = None) -> int:
             ratio = tw / results["drain"][f"hangwatch {pair}"]["wall_s"]
             results["ratios"][f"drain {pair} vs torch local"] = ratio
             print(f"   -> hangwatch {pair}: {compared(ratio, 'faster', 'slower')}")
+
+    # 3b. storm, then hang
+    cores = os.cpu_count() or 1
+    results["storm"] = {}
+    storm_blocks = 10_000 if not args.quick else 2_000
+    for workers in (8, max(16, 4 * cores)):
+        print(
+            f"\n3b. storm: {workers} workers x {storm_blocks:,} blocks, then at once a 0.05 s block that hangs "
+            f"({cores} cores); how late each was seen dead"
+        )
+        print(f"   {'pair':<18}{'worst ms':>10}{'median ms':>11}{'not reaped':>12}")
+        key = f"{workers} workers"
+        results["storm"][key] = {}
+        for lib, pair in pairs:
+            if (lib, pair) == ("torch", "file"):
+                continue  # torch's FileTimerServer signals its own process after the first reap
+            r = storm(lib, pair, workers, storm_blocks)
+            results["storm"][key][label(lib, pair)] = r
+            print(f"   {label(lib, pair):<18}{fmt(r['worst_ms']):>10}{fmt(r['median_ms']):>11}{r['not_reaped']:>12}")
+    print("   (torch file: not run; its server signals its own process after its first reap)")
 
     # 4. reap latency
     print(f"\n4. reap latency, {args.reap_samples} stuck workers per pair (after=0.1 s; servers' defaults)")

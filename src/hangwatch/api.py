@@ -338,6 +338,10 @@ class TimerServer(abc.ABC):
         self.register_timers(requests)
         self._expire_and_reap()
         self._last_progress_time = time.time()
+        self._between_rounds()
+
+    def _between_rounds(self) -> None:
+        """Called after each round of the watchdog (hangwatch's servers give way to a stack dump in progress)."""
 
     def _expire_and_reap(self) -> None:
         reaped: Set[Any] = set()
