@@ -34,6 +34,15 @@ __all__ = ["INSTALL_HINT", "NativeSampler", "native_available"]
 INSTALL_HINT = "for C/C++ frames (gloo, NCCL, C extensions): pip install 'hangwatch[native]' (pystack)"
 
 
+def sampler_for(mode: str) -> Tuple[Optional[NativeSampler], Optional[str]]:
+    """For ``native_stacks`` ``"auto"`` or ``"off"``: the sampler to use (None: none), and why there is none."""
+    if mode != "auto":
+        return None, None
+    if native_available():
+        return NativeSampler(), None
+    return None, INSTALL_HINT
+
+
 def native_available() -> bool:
     """Whether the native sampler (pystack) is installed, on a system where it runs (Linux)."""
     return sys.platform.startswith("linux") and importlib.util.find_spec("pystack") is not None

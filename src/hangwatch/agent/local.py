@@ -42,7 +42,7 @@ from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
 from .._cgroup import ENV_CGROUP, RunCgroup
 from .._evidence import GroupEvidence
 from .._keeper import TOKEN_VARIABLE, Keeper
-from .._native import INSTALL_HINT, NativeSampler, native_available
+from .._native import sampler_for
 from .._pidserver import PidTimerServer
 from .._reaper import ReapPolicy, check_policy
 from ..env import ENV_TIMER_FILE, ENV_TIMER_SOCKET
@@ -160,12 +160,7 @@ class LocalElasticAgent:
         self._subreaper = subreaper
         self._on_event = on_event
         self._on_attempt = on_attempt
-        self._native: Optional[NativeSampler] = None
-        self._native_note: Optional[str] = None
-        if native_stacks == "auto" and native_available():
-            self._native = NativeSampler()
-        elif native_stacks == "auto":
-            self._native_note = INSTALL_HINT
+        self._native, self._native_note = sampler_for(native_stacks)
         self._native_timeout = float(native_timeout)
         self._interrupt = threading.Event()
         self._interrupt_signal = 0

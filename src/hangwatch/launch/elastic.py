@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, TextIO
 from .._bootstrap import ENV_TORCH_FILE_TIMER
 from .._cgroup import ENV_CGROUP, RunCgroup
 from .._keeper import TOKEN_VARIABLE, Keeper
-from .._native import INSTALL_HINT, NativeSampler, native_available
+from .._native import sampler_for
 from .._pidserver import PidTimerServer
 from .._reaper import ReapPolicy
 from ..agent.workers import start_keeper
@@ -185,9 +185,7 @@ class _Node:
                     self._keeper.hold(self._cgroup.path)
             self._start_servers()
             self._environment()
-            native: Optional[NativeSampler] = None
-            if args.native_stacks == "auto" and native_available():
-                native = NativeSampler()
+            native, native_note = sampler_for(args.native_stacks)
             self._watch = NodeWatch(
                 self._servers,
                 self.reporter,
@@ -195,7 +193,7 @@ class _Node:
                 dump_timeout=(args.reap_policy or ReapPolicy()).dump_timeout,
                 native=native,
                 native_timeout=args.native_timeout,
-                native_note=None if native is not None or args.native_stacks == "off" else INSTALL_HINT,
+                native_note=native_note,
                 events=self._events,
             )
             self._watch.start()
