@@ -31,7 +31,6 @@ import os
 import select
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -45,21 +44,21 @@ from .._keeper import TOKEN_VARIABLE, Keeper
 from .._native import sampler_for
 from .._pidserver import PidTimerServer
 from .._reaper import ReapPolicy, check_policy
-from ..env import ENV_TIMER_FILE, ENV_TIMER_SOCKET
 from ..events import Event, EventEmitter, EventSink, JsonLinesSink
-from ..file import FileTimerServer
-from ..shm import SharedMemoryTimerServer
 from .report import build_report
 from .results import FAILED, INTERRUPTED, SUCCEEDED, Attempt, Reaped, RunResult, WorkerFailure, exit_text
+from .servers import TIMER_MODES, server_variables, start_timer_servers
 from .spec import WorkerSpec
 from .workers import (
     Worker,
     children_of,
+    end_run_cgroup,
     free_port,
     run_function,
     set_child_subreaper,
     start_command,
     start_keeper,
+    start_run_cgroup,
     stop_group,
 )
 
@@ -67,7 +66,6 @@ __all__ = ["LocalElasticAgent"]
 
 logger = logging.getLogger("hangwatch.agent")
 
-_TIMER_MODES = ("auto", "fifo", "shm", "off")
 _NATIVE_MODES = ("auto", "off")
 # A worker killed by a signal: how long its timer server's event may trail its death.
 _REAP_EVENT_WAIT = 0.5
@@ -140,8 +138,8 @@ class LocalElasticAgent:
             raise TypeError(f"spec must be a hangwatch.agent.WorkerSpec (got {spec!r})")
         if start_method not in mp.get_all_start_methods():
             raise ValueError(f"start_method must be one of {mp.get_all_start_methods()} (got {start_method!r})")
-        if timer not in _TIMER_MODES:
-            raise ValueError(f"timer must be one of {', '.join(map(repr, _TIMER_MODES))} (got {timer!r})")
+        if timer not in TIMER_MODES:
+            raise ValueError(f"timer must be one of {', '.join(map(repr, TIMER_MODES))} (got {timer!r})")
         if native_stacks not in _NATIVE_MODES:
             raise ValueError(f"native_stacks must be 'auto' or 'off' (got {native_stacks!r})")
         for name, value, high in (("stop_grace", stop_grace, 3600), ("native_timeout", native_timeout, 600)):
@@ -198,10 +196,8 @@ class LocalElasticAgent:
             if self._subreaper:
                 set_child_subreaper()
             self._keeper = start_keeper(self._token)
-            if self._use_cgroup and sys.platform.startswith("linux"):
-                self._cgroup = RunCgroup.create(f"hangwatch-{self._token[:16]}")
-                if self._cgroup is not None and self._keeper is not None:
-                    self._keeper.hold(self._cgroup.path)
+            if self._use_cgroup:
+                self._cgroup = start_run_cgroup(self._token, self._keeper)
             if self._timer != "off":
                 timer_dir = tempfile.mkdtemp(prefix="hangwatch-")
                 if self._keeper is not None:
@@ -214,10 +210,9 @@ class LocalElasticAgent:
             self._servers = []
             self._events.close()
             if self._cgroup is not None:
-                left = self._cgroup.kill()  # nothing, unless a worker's child escaped every group stop
+                left = end_run_cgroup(self._cgroup)
                 if left:
                     logger.warning("killed %d process(es) left in the run's cgroup: %s", len(left), left)
-                self._cgroup.remove()
                 self._cgroup = None
             if timer_dir is not None:
                 shutil.rmtree(timer_dir, ignore_errors=True)
@@ -275,12 +270,7 @@ class LocalElasticAgent:
             "event_file": self._event_file,
             "on_event": self._record_event,
         }
-        if self._timer in ("auto", "fifo"):
-            self._servers.append(FileTimerServer(os.path.join(timer_dir, "timer.fifo"), self._run_id, **common))
-        if self._timer in ("auto", "shm"):
-            self._servers.append(SharedMemoryTimerServer(os.path.join(timer_dir, "timer.sock"), **common))
-        for server in self._servers:
-            server.start()
+        self._servers = start_timer_servers(self._timer, timer_dir, self._run_id, **common)
 
     def _allow(self, pids: List[int]) -> None:
         for server in self._servers:
@@ -466,12 +456,10 @@ class LocalElasticAgent:
         """The worker's environment over the agent's own: None removes a variable (one of an outer run's)."""
         spec = self.spec
         size = str(spec.local_world_size)
+        where = server_variables(self._servers)  # the servers of this run, never an outer run's
         env: Dict[str, Optional[str]] = {
-            # Where the timer servers are: set below for the servers of this run, never inherited.
-            ENV_TIMER_FILE: None,
-            ENV_TIMER_SOCKET: None,
-            "TORCHELASTIC_ENABLE_FILE_TIMER": None,
-            "TORCHELASTIC_TIMER_FILE": None,
+            **where,
+            "TORCHELASTIC_ENABLE_FILE_TIMER": "1" if where["TORCHELASTIC_TIMER_FILE"] else None,
             ENV_CGROUP: None if self._cgroup is None else self._cgroup.path,
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
@@ -489,13 +477,6 @@ class LocalElasticAgent:
             "TORCHELASTIC_RUN_ID": self._run_id,
             TOKEN_VARIABLE: self._token,  # marks everything the worker starts, for the keeper
         }
-        for server in self._servers:
-            if isinstance(server, FileTimerServer):
-                env[ENV_TIMER_FILE] = server.file_path
-                env["TORCHELASTIC_ENABLE_FILE_TIMER"] = "1"
-                env["TORCHELASTIC_TIMER_FILE"] = server.file_path
-            elif isinstance(server, SharedMemoryTimerServer):
-                env[ENV_TIMER_SOCKET] = server.socket_path
         return env
 
     def _start_group(self, number: int, port: int) -> List[Worker]:

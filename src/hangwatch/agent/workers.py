@@ -270,6 +270,25 @@ def start_keeper(token: str) -> Optional[Keeper]:
         return None
 
 
+def start_run_cgroup(token: str, keeper: Optional[Keeper]) -> Optional[RunCgroup]:
+    """The run's cgroup (Linux, where one can be made; else None), held by the keeper so a SIGKILLed
+    launcher's leftovers are reached there too."""
+    if not sys.platform.startswith("linux"):
+        return None
+    cgroup = RunCgroup.create(f"hangwatch-{token[:16]}")
+    if cgroup is not None and keeper is not None:
+        keeper.hold(cgroup.path)
+    return cgroup
+
+
+def end_run_cgroup(cgroup: RunCgroup) -> List[int]:
+    """Kill what is left in the run's cgroup (nothing, unless a worker's child escaped every group stop),
+    remove it, and return the pids that were left."""
+    left = cgroup.kill()
+    cgroup.remove()
+    return left
+
+
 def set_child_subreaper() -> None:
     """Make this process a child subreaper (Linux): orphaned descendants come back to it."""
     if not sys.platform.startswith("linux"):

@@ -27,7 +27,6 @@ import argparse
 import importlib
 import os
 import shutil
-import sys
 import tempfile
 import time
 import uuid
@@ -39,15 +38,13 @@ from .._keeper import TOKEN_VARIABLE, Keeper
 from .._native import sampler_for
 from .._pidserver import PidTimerServer
 from .._reaper import ReapPolicy
-from ..agent.workers import start_keeper
-from ..env import ENV_TIMER_FILE, ENV_TIMER_SOCKET
+from ..agent.servers import server_variables, start_timer_servers
+from ..agent.workers import end_run_cgroup, start_keeper, start_run_cgroup
 from ..events import Event, EventEmitter, EventSink, JsonLinesSink
-from ..file import FileTimerServer
-from ..shm import SharedMemoryTimerServer
 from ..triage import ranks_text
 from .exchange import StoreExchange, store_address
 from .node import NodeWatch
-from .options import EXIT_FAILED, EXIT_OK, EXIT_USAGE, engine_options, nnodes_range
+from .options import EXIT_FAILED, EXIT_OK, EXIT_USAGE, bootstrap_args, engine_options, nnodes_range
 from .reporter import Reporter, plural
 
 __all__ = ["PREFIX_TEMPLATE", "run_elastic", "torchrun_argv"]
@@ -75,8 +72,7 @@ def torchrun_argv(args: argparse.Namespace, log_dir: str) -> List[str]:
         argv += [flag] if value == "" else [f"{flag}={value}"]
     if args.run_id is not None and args.rdzv_id is None:
         argv.append(f"--rdzv-id={args.run_id}")
-    mode = "--exec" if args.no_python else "--module" if args.module else "--script"
-    argv += ["-m", "hangwatch._bootstrap", "--parent", str(os.getpid()), mode, args.target, *args.target_args]
+    argv += bootstrap_args(args, os.getpid())
     return argv
 
 
@@ -179,10 +175,7 @@ class _Node:
             self._keeper = start_keeper(self._token)  # before the token is in this environment: it must not carry it
             if self._keeper is not None:
                 self._keeper.own(self._dir)
-            if sys.platform.startswith("linux"):
-                self._cgroup = RunCgroup.create(f"hangwatch-{self._token[:16]}")
-                if self._cgroup is not None and self._keeper is not None:
-                    self._keeper.hold(self._cgroup.path)
+            self._cgroup = start_run_cgroup(self._token, self._keeper)
             self._start_servers()
             self._environment()
             native, native_note = sampler_for(args.native_stacks)
@@ -209,27 +202,16 @@ class _Node:
             "event_file": args.events,
             "on_event": self._event,
         }
-        if args.timer in ("auto", "fifo"):
-            run_id = args.rdzv_id or args.run_id or ""
-            self._servers.append(FileTimerServer(os.path.join(self._dir, "timer.fifo"), run_id, **common))
-        if args.timer in ("auto", "shm"):
-            self._servers.append(SharedMemoryTimerServer(os.path.join(self._dir, "timer.sock"), **common))
-        for server in self._servers:
-            server.start()
+        self._servers = start_timer_servers(args.timer, self._dir, args.rdzv_id or args.run_id or "", **common)
 
     def _environment(self) -> None:
         """What torch's engine and the workers read, in this process's environment (restored at the end)."""
         self._setenv("TORCHELASTIC_ENABLE_FILE_TIMER", None)  # torch's self-killing server must never start
-        self._setenv(ENV_TORCH_FILE_TIMER, None)
-        for name in (ENV_TIMER_FILE, ENV_TIMER_SOCKET, "TORCHELASTIC_TIMER_FILE"):
-            self._setenv(name, None)
-        for server in self._servers:
-            if isinstance(server, FileTimerServer):
-                self._setenv(ENV_TIMER_FILE, server.file_path)
-                self._setenv("TORCHELASTIC_TIMER_FILE", server.file_path)
-                self._setenv(ENV_TORCH_FILE_TIMER, "1")  # the bootstrap sets TORCHELASTIC_ENABLE_FILE_TIMER=1
-            elif isinstance(server, SharedMemoryTimerServer):
-                self._setenv(ENV_TIMER_SOCKET, server.socket_path)
+        where = server_variables(self._servers)
+        for name, value in where.items():
+            self._setenv(name, value)
+        # the bootstrap turns it into TORCHELASTIC_ENABLE_FILE_TIMER=1 in each worker
+        self._setenv(ENV_TORCH_FILE_TIMER, "1" if where["TORCHELASTIC_TIMER_FILE"] else None)
         self._setenv(ENV_CGROUP, None if self._cgroup is None else self._cgroup.path)
         self._setenv(TOKEN_VARIABLE, self._token)
         if "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in os.environ:
@@ -257,12 +239,11 @@ class _Node:
                 os.environ[name] = value
         self._saved = {}
         if self._cgroup is not None:
-            left = self._cgroup.kill()  # nothing, unless a worker's child escaped torch's group stop
+            left = end_run_cgroup(self._cgroup)
             if left:
                 self.reporter.say(
                     f"stopped {plural(len(left), 'process', 'processes')} left in the run's cgroup: {left}"
                 )
-            self._cgroup.remove()
             self._cgroup = None
         shutil.rmtree(self._dir, ignore_errors=True)
         if self._keeper is not None:

@@ -114,15 +114,8 @@ class StoreExchange:
 
     def asked(self, round_key: str, since: float) -> Optional[Dict[str, Any]]:
         """Who asked for the stacks of this round since ``since`` (``time.time()``), and why; None if nobody has."""
-        key = self._key(round_key, "ask")
-        if not self._call("check", [key]):
-            return None
-        raw = self._call("get", key)
-        try:
-            value = json.loads(bytes(raw).decode()) if raw else None
-        except ValueError:
-            return None
-        if not isinstance(value, dict) or not isinstance(value.get("at"), (int, float)) or value["at"] < since:
+        value = self._load(self._key(round_key, "ask"))
+        if value is None or not isinstance(value.get("at"), (int, float)) or value["at"] < since:
             return None  # an earlier round's, on the same port
         return value
 
@@ -161,8 +154,8 @@ class StoreExchange:
                     found[node] = value
         return found
 
-    def _read(self, key: str, since: float) -> Optional[Dict[str, Any]]:
-        """A node's publication, if it is there, readable, and of this round."""
+    def _load(self, key: str) -> Optional[Dict[str, Any]]:
+        """The JSON object at ``key``, if it is there and readable."""
         if not self._call("check", [key]):
             return None
         raw = self._call("get", key)
@@ -170,7 +163,12 @@ class StoreExchange:
             value = json.loads(bytes(raw).decode()) if raw else None
         except (TypeError, ValueError):
             return None
-        if not isinstance(value, dict) or not isinstance(value.get("snapshot"), dict):
+        return value if isinstance(value, dict) else None
+
+    def _read(self, key: str, since: float) -> Optional[Dict[str, Any]]:
+        """A node's publication, if it is there, readable, and of this round."""
+        value = self._load(key)
+        if value is None or not isinstance(value.get("snapshot"), dict):
             return None
         taken = value["snapshot"].get("taken_at")
         return value if isinstance(taken, (int, float)) and taken >= since else None

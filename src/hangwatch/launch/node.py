@@ -32,9 +32,10 @@ from typing import Any, Dict, List, Optional, Set
 from .._evidence import GroupEvidence, GroupSnapshot
 from .._native import NativeSampler
 from .._pidserver import PidTimerServer
-from .._reaper import ProcessPin, processes, signal_name
+from .._reaper import ProcessPin, signal_name
 from ..agent.report import RemoteNode, build_report
 from ..agent.results import exit_text
+from ..agent.workers import children_of
 from ..events import Event, EventEmitter
 from ..triage import ranks_text
 from .exchange import StoreExchange
@@ -68,8 +69,7 @@ class _Group:
     members: Dict[int, int] = field(default_factory=dict)  # global rank -> pid
     pins: Dict[int, ProcessPin] = field(default_factory=dict)  # by rank
     status: Dict[int, Optional[int]] = field(default_factory=dict)  # rank -> exit code (-N: signal N)
-    ended_at: Dict[int, float] = field(default_factory=dict)
-    ended_wall: Dict[int, float] = field(default_factory=dict)  # the same, as time.time()
+    ended: Dict[int, float] = field(default_factory=dict)  # rank -> when it was seen ended (time.time())
     evidence: Optional[GroupEvidence] = None
     reaps: Dict[int, Event] = field(default_factory=dict)  # pid -> its first signal's event
     expired: int = 0
@@ -84,8 +84,7 @@ def _own_children() -> Set[int]:
                 found.update(int(p) for p in f.read().split())
         return found
     except OSError:
-        me = os.getpid()
-        return {pid for pid, fields in processes() if int(fields[1]) == me and fields[0] not in (b"Z", b"X")}
+        return children_of(os.getpid())
 
 
 def _environ(pid: int) -> Dict[str, str]:
@@ -117,9 +116,7 @@ def _peek_status(pin: ProcessPin) -> Optional[int]:
         return None
     try:
         info = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOWAIT | os.WNOHANG)
-    except ChildProcessError:
-        return None
-    except OSError:
+    except OSError:  # ECHILD: torch's agent reaped it first
         return None
     if info is None:
         return None
@@ -218,7 +215,7 @@ class NodeWatch:
     def _wait_for_exits(self) -> None:
         """Sleep a tick, or less when a worker exits: its status is read before torch's agent reaps it."""
         group = self._current
-        fds = [] if group is None else [p.fileno() for r, p in group.pins.items() if r not in group.ended_at]
+        fds = [] if group is None else [p.fileno() for r, p in group.pins.items() if r not in group.ended]
         fds = [fd for fd in fds if fd >= 0]
         if fds:
             select.select(fds, [], [], _TICK)
@@ -288,28 +285,25 @@ class NodeWatch:
         group = self._current
         if group is None:
             return
-        waiting = {rank: pin for rank, pin in group.pins.items() if rank not in group.ended_at}
+        waiting = {rank: pin for rank, pin in group.pins.items() if rank not in group.ended}
         if waiting:
             fds = {pin.fileno(): rank for rank, pin in waiting.items() if pin.fileno() >= 0}
             ready, _, _ = select.select(list(fds), [], [], 0) if fds else ([], [], [])
             for fd in ready:
-                rank = fds[fd]
-                group.status[rank] = _peek_status(group.pins[rank])
-                group.ended_at[rank] = time.monotonic()
-                group.ended_wall[rank] = time.time()
+                group.status[fds[fd]] = _peek_status(group.pins[fds[fd]])
+                group.ended[fds[fd]] = time.time()
             for rank, pin in waiting.items():
                 if pin.fileno() < 0 and not pin.alive():
                     group.status[rank] = None
-                    group.ended_at[rank] = time.monotonic()
-                    group.ended_wall[rank] = time.time()
+                    group.ended[rank] = time.time()
         evidence = group.evidence
         exchange = self._exchange if group.nodes > 1 else None
-        if exchange is not None and evidence is not None and not evidence.started and not group.ended_at:
+        if exchange is not None and evidence is not None and not evidence.started and not group.ended:
             asked = exchange.asked(group.round, group.wall - _SKEW)
             if asked is not None and asked.get("node") != group.node:
                 why = asked.get("trigger") or "a timer expired"
                 evidence.collect(reason=f"node {asked.get('node')} asked: {why}")
-        if group.pins and len(group.ended_at) == len(group.pins):
+        if group.pins and len(group.ended) == len(group.pins):
             self._end(group)
 
     def _share(self, group: _Group, snapshot: GroupSnapshot) -> None:
@@ -402,7 +396,7 @@ class NodeWatch:
         reaped = sorted(r for r, pid in group.members.items() if pid in group.reaps)
         summary["reaped"] = reaped
         if snapshot is not None:
-            before = [r for r, when in group.ended_wall.items() if when <= snapshot.taken_at]
+            before = [r for r, when in group.ended.items() if when <= snapshot.taken_at]
             finished = [r for r in before if group.status.get(r) == 0]
             ended = {r: fates[group.members[r]] for r in before if (group.status.get(r) or 0) > 0}
             here = group.node if group.nodes > 1 else None  # one node: ranks are named without it

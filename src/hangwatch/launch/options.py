@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Callable, Dict, NoReturn, Optional, Tuple
+import shutil
+from typing import Callable, Dict, List, NoReturn, Optional, Tuple
 
 from .. import __version__
 from .._reaper import ReapPolicy
@@ -223,8 +224,6 @@ def parser() -> argparse.ArgumentParser:
 
 def check_target(args: argparse.Namespace) -> Optional[str]:
     """Why the run's target cannot be run (None if it can)."""
-    import shutil
-
     if args.target is None:
         return "hangwatch run: say what to run: hangwatch run [options] train.py [its arguments]"
     if args.module and args.no_python:
@@ -237,7 +236,7 @@ def check_target(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
-def bootstrap_args(args: argparse.Namespace, parent: int) -> Tuple[str, ...]:
+def bootstrap_args(args: argparse.Namespace, parent: int) -> List[str]:
     """``-m hangwatch._bootstrap`` arguments that run the target in a worker (after ``python -u``)."""
     mode = "--exec" if args.no_python else "--module" if args.module else "--script"
-    return ("-m", "hangwatch._bootstrap", "--parent", str(parent), mode, args.target, *args.target_args)
+    return ["-m", "hangwatch._bootstrap", "--parent", str(parent), mode, args.target, *args.target_args]
