@@ -11,44 +11,47 @@ Deadlines are plain floats on whatever clock the caller uses (the servers use
 from __future__ import annotations
 
 import heapq
-from typing import Any, Dict, Generic, Hashable, Iterator, List, Optional, TypeVar
+from typing import Any, Dict, Generic, Iterator, List, Optional, TypeVar
 
 __all__ = ["DeadlineBook"]
 
-W = TypeVar("W", bound=Hashable)
+W = TypeVar("W", bound=int)
 P = TypeVar("P")
 
-# An entry is a list so the heap can compare it cheaply: [deadline, seq, worker, scope, payload, alive].
-_DEADLINE, _SEQ, _WORKER, _SCOPE, _PAYLOAD, _ALIVE = range(6)
+# An entry is a list so the heap can compare it cheaply: [deadline, worker, scope, payload]. Live
+# entries differ in (deadline, worker, scope), so a comparison never reaches the payloads. A dead
+# entry (replaced or removed) gets the worker _DEAD_WORKER (workers are ints >= 0) and the payload
+# _DEAD: it then differs from every live entry before the payload, and equals other dead ones.
+_DEADLINE, _WORKER, _SCOPE, _PAYLOAD = range(4)
+_DEAD_WORKER = -1
+_DEAD: Any = object()
 
 
 class DeadlineBook(Generic[W, P]):
     """Active timers, one per (worker, scope), ordered by deadline."""
 
-    __slots__ = ("_by_worker", "_heap", "_live", "_seq")
+    __slots__ = ("_by_worker", "_heap", "_live")
 
     def __init__(self) -> None:
         self._by_worker: Dict[W, Dict[str, List[Any]]] = {}
         self._heap: List[List[Any]] = []
         self._live = 0
-        self._seq = 0
 
     def __len__(self) -> int:
         return self._live
 
     def set(self, worker: W, scope: str, deadline: float, payload: P) -> None:
-        """Add the timer, or replace the one this worker holds under ``scope``."""
+        """Add the timer, or replace the one this worker holds under ``scope`` (``worker``: an int >= 0)."""
         scopes = self._by_worker.get(worker)
         if scopes is None:
             scopes = self._by_worker[worker] = {}
         old = scopes.get(scope)
         if old is not None:
-            old[_ALIVE] = False
-            old[_PAYLOAD] = None
+            old[_WORKER] = _DEAD_WORKER
+            old[_PAYLOAD] = _DEAD
         else:
             self._live += 1
-        self._seq += 1
-        entry = [deadline, self._seq, worker, scope, payload, True]
+        entry = [deadline, worker, scope, payload]
         scopes[scope] = entry
         heapq.heappush(self._heap, entry)
         self._maybe_compact()
@@ -106,7 +109,7 @@ class DeadlineBook(Generic[W, P]):
     def next_deadline(self) -> Optional[float]:
         """The earliest deadline among active timers, or None when there are none."""
         heap = self._heap
-        while heap and not heap[0][_ALIVE]:
+        while heap and heap[0][_PAYLOAD] is _DEAD:
             heapq.heappop(heap)
         return heap[0][_DEADLINE] if heap else None
 
@@ -124,25 +127,25 @@ class DeadlineBook(Generic[W, P]):
             entry = heap[i]
             if entry[_DEADLINE] > cutoff:
                 continue  # the heap property: nothing below it is earlier
-            if entry[_ALIVE]:
+            if entry[_PAYLOAD] is not _DEAD:
                 found.append(entry)
             left = 2 * i + 1
             if left < n:
                 stack.append(left)
                 if left + 1 < n:
                     stack.append(left + 1)
-        found.sort()
+        found.sort()  # live entries: by deadline, then worker and scope
         result: Dict[W, List[P]] = {}
         for entry in found:
             result.setdefault(entry[_WORKER], []).append(entry[_PAYLOAD])
         return result
 
     def _kill(self, entry: List[Any]) -> None:
-        entry[_ALIVE] = False
-        entry[_PAYLOAD] = None
+        entry[_WORKER] = _DEAD_WORKER
+        entry[_PAYLOAD] = _DEAD
         self._live -= 1
         heap = self._heap
-        while heap and not heap[0][_ALIVE]:
+        while heap and heap[0][_PAYLOAD] is _DEAD:
             heapq.heappop(heap)
         self._maybe_compact()
 
@@ -150,5 +153,5 @@ class DeadlineBook(Generic[W, P]):
         # Dead entries are at most half the heap (plus slack), so memory and the cost
         # of expired() stay proportional to the live timers.
         if len(self._heap) > 2 * self._live + 64:
-            self._heap = [entry for entry in self._heap if entry[_ALIVE]]
+            self._heap = [entry for entry in self._heap if entry[_PAYLOAD] is not _DEAD]
             heapq.heapify(self._heap)
