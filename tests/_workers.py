@@ -680,3 +680,39 @@ def children_only_server(path: str, events_file: str, seconds: float, member_pid
     if member.is_alive():
         member.kill()
         member.join()
+
+
+def _client_for(kind: str, endpoint: Any) -> Any:
+    return hangwatch.LocalTimerClient(endpoint) if kind == "local" else hangwatch.FileTimerClient(endpoint)
+
+
+def forks_inside_a_block(kind: str, endpoint: Any, child_done: Any, finish: Any) -> None:
+    """Holds 'held' while a child forked inside the block leaves it; leaves it when ``finish`` is set."""
+    hangwatch.configure(_client_for(kind, endpoint))
+    with hangwatch.expires(after=60, scope="held"):
+        pid = os.fork()
+        if pid == 0:  # the child leaves the block too: its release must not be the parent's
+            pass
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_done.set()
+    with hangwatch.expires(after=60, scope="held"):
+        finish.wait(60)
+
+
+def decorated_blocks(kind: str, endpoint: Any, calls: int) -> None:
+    """A decorated function called many times, one call raising: every call's timer is released."""
+    hangwatch.configure(_client_for(kind, endpoint))
+
+    @hangwatch.expires(after=30, scope="decorated")
+    def step(i: int) -> int:
+        if i == 3:
+            raise KeyError(i)
+        return i
+
+    for i in range(calls):
+        try:
+            step(i)
+        except KeyError:
+            pass

@@ -34,10 +34,12 @@ class RecordingClient(TimerClient):
 
 @pytest.fixture(autouse=True)
 def _no_default_client():
-    saved = hangwatch.api._timer_client
-    hangwatch.api._timer_client = None
+    names = ("_timer_client", "_fast_client", "_fast_named", "_fast_sites")
+    saved = [getattr(hangwatch.api, name) for name in names]
+    hangwatch.configure(None)  # what configure() set, including the cached guards of hangwatch's clients
     yield
-    hangwatch.api._timer_client = saved
+    for name, value in zip(names, saved):
+        setattr(hangwatch.api, name, value)
 
 
 def here() -> str:

@@ -49,6 +49,8 @@ _POLLED_EXIT_CHECK = 0.05
 
 
 _GIVE_WAY = 0.0002  # seconds the watchdog sleeps after a round while a reap waits for stacks
+_NUMBER_TYPES = (int, float)
+_INF = math.inf
 
 
 class _Reap:
@@ -158,6 +160,7 @@ class PidTimerServer(TimerServer):
         self._children_only = bool(children_only)
         self._lineage: Dict[int, int] = {}  # a pinned descendant of an allowed pid -> that pid
         self._ranks: Dict[int, int] = {}  # a pinned worker -> the rank it said it has
+        self._applied: Dict[int, object] = {}  # a pinned worker -> the identity field last applied (see _register)
         self._group: Optional[GroupEvidence] = None
         self._new_pin = pin
         self._book: DeadlineBook[int, TimerRequest] = DeadlineBook()
@@ -268,44 +271,39 @@ class PidTimerServer(TimerServer):
         except AttributeError:
             self._events.emit("bad request", reason=f"not a TimerRequest: {request!r}")
             return
-        if isinstance(pid, bool) or not isinstance(pid, int):
-            self._events.emit("bad request", request=request, reason=f"worker_id must be a pid, an int (got {pid!r})")
-            return
-        if (
-            not isinstance(scope, str)
-            or isinstance(expiration, bool)
-            or not isinstance(expiration, (int, float))
-            or math.isnan(expiration)
+        # What every client sends (exact int, str, int or float) is checked in one step.
+        if not (type(pid) is int and type(scope) is str and type(expiration) in _NUMBER_TYPES) and not self._typed(
+            request, pid, scope, expiration
         ):
-            self._events.emit(
-                "bad request",
-                worker=pid,
-                request=request,
-                reason=f"scope_id must be a str and expiration_time a number (got {request!r})",
-            )
             return
         if expiration < 0:
             book.remove(pid, scope)
             return
-        if not math.isfinite(expiration):
-            self._events.emit("bad request", worker=pid, scope=scope, reason="expiration_time is infinite")
+        if not -_INF < expiration < _INF:  # inf or nan
+            self._events.emit("bad request", worker=pid, scope=scope, reason=f"expiration_time is {expiration!r}")
             return
-        info: Optional[WorkerInfo] = None
         ext = getattr(request, "hangwatch", None)
-        if ext is not None:
-            try:
-                info = parse_identity(ext)
-            except ValueError as exc:
-                self._events.emit("bad request", worker=pid, scope=scope, reason=str(exc))
+        # The transports hand out one object per distinct identity field: the one this pinned
+        # worker sent last was decoded and applied already.
+        if ext is None or ext is not self._applied.get(pid):
+            info: Optional[WorkerInfo] = None
+            if ext is not None:
+                try:
+                    info = parse_identity(ext)
+                except ValueError as exc:
+                    self._events.emit("bad request", worker=pid, scope=scope, reason=str(exc))
+                    return
+            if pid not in self._pins and not self._pin(pid, scope, info):
                 return
-        if pid not in self._pins and not self._pin(pid, scope, info):
-            return
-        if info is not None and info.rank is not None:
-            self._ranks[pid] = info.rank
-        if info is not None and info.dump_signal:
-            self._dump_handlers.add(pid)
+            if info is not None:
+                if info.rank is not None:
+                    self._ranks[pid] = info.rank
+                if info.dump_signal:
+                    self._dump_handlers.add(pid)
+                if info.policy is None or info.policy == "server":  # a policy is checked again at a reap
+                    self._applied[pid] = ext
         cap = self._limits.timers_per_worker
-        if not book.holds(pid, scope) and book.count_of(pid) >= cap:
+        if book.count_of(pid) >= cap and not book.holds(pid, scope):
             self._events.emit(
                 "limit reached",
                 worker=pid,
@@ -315,6 +313,21 @@ class PidTimerServer(TimerServer):
             )
             return
         book.set(pid, scope, expiration + offset, request)
+
+    def _typed(self, request: TimerRequest, pid: Any, scope: Any, expiration: Any) -> bool:
+        """Whether a request's fields have usable types (subclasses of int, str, float); else refuse it."""
+        if isinstance(pid, bool) or not isinstance(pid, int):
+            self._events.emit("bad request", request=request, reason=f"worker_id must be a pid, an int (got {pid!r})")
+            return False
+        if not isinstance(scope, str) or isinstance(expiration, bool) or not isinstance(expiration, (int, float)):
+            self._events.emit(
+                "bad request",
+                worker=pid,
+                request=request,
+                reason=f"scope_id must be a str and expiration_time a number (got {request!r})",
+            )
+            return False
+        return True
 
     def clear_timers(self, worker_ids: Set[Any]) -> None:
         """Remove every timer of the given workers."""
@@ -641,6 +654,7 @@ class PidTimerServer(TimerServer):
         self._dump_handlers.discard(pid)
         self._lineage.pop(pid, None)
         self._ranks.pop(pid, None)
+        self._applied.pop(pid, None)
         if pin is not None:
             if pin.fileno() >= 0:
                 self._unwatch_fd(pin.fileno())

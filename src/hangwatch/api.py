@@ -462,7 +462,7 @@ class TimerServer(abc.ABC):
 
 _client_lock = threading.Lock()
 _timer_client: Optional[TimerClient] = None
-# The configured client and its guard caches, when it offers cached guards (SharedMemoryTimerClient).
+# The configured client and its guard caches, when it offers cached guards (hangwatch's clients).
 _fast_client: Any = None
 _fast_named: Optional[Dict[str, Any]] = None
 _fast_sites: Dict[int, Any] = {}
@@ -498,7 +498,7 @@ def configure(timer_client: Optional[TimerClient]) -> None:
         register(timer_client)
     with _client_lock:
         _timer_client = timer_client
-        if getattr(type(timer_client), "_fast_guards", False):
+        if getattr(timer_client, "_fast_guards", False) is True:
             _fast_client = timer_client
             _fast_named, _fast_sites = timer_client._named, timer_client._sites  # type: ignore[attr-defined]
         else:
@@ -629,8 +629,8 @@ def expires(
         TypeError: ``reap_policy`` is not a ReapPolicy, or (on entry) the client cannot carry one.
         RuntimeError: on entry, when no client was given or configured.
     """
-    # The shared-memory client's fast path: a cached guard per scope (or call site) whose
-    # enter and exit are a store each, bound to the client configured now.
+    # hangwatch's clients' fast path: a cached guard per scope (or call site), bound to the
+    # client configured now (see hangwatch._guards).
     if client is None and reap_policy is None and _fast_named is not None:
         if scope is None:
             frame = _getframe(1)
@@ -642,10 +642,17 @@ def expires(
         if guard is not None and guard._after == after:
             return guard  # type: ignore[no-any-return]
         return _fast_client._named_guard(after, scope)  # type: ignore[no-any-return]
-    if reap_policy is None and getattr(client, "_fast_guards", False):
+    if reap_policy is None and getattr(client, "_fast_guards", False) is True:
         fast: Any = client
         if scope is None:
-            return fast._site_guard(after, _getframe(1))  # type: ignore[no-any-return]
+            frame = _getframe(1)
+            guard = fast._sites.get(frame.f_lasti)
+            if guard is not None and guard._code is frame.f_code and guard._after == after:
+                return guard  # type: ignore[no-any-return]
+            return fast._site_guard(after, frame)  # type: ignore[no-any-return]
+        guard = fast._named.get(scope)
+        if guard is not None and guard._after == after:
+            return guard  # type: ignore[no-any-return]
         return fast._named_guard(after, scope)  # type: ignore[no-any-return]
     if scope is None:
         frame = _getframe(1)

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import select
 import signal as _signal
 import stat
@@ -37,6 +38,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union, overload
 
+from ._guards import GuardCache, LineGuard, Wire
 from ._pidserver import PidTimerServer
 from ._pipe import read_available, wait_and_take
 from ._reaper import VALID_SIGNALS, ProcessPin, ReapPolicy, check_policy, signal_name
@@ -67,13 +69,17 @@ class FileTimerRequest(TimerRequest):
             identity, see :mod:`hangwatch._worker`), or None for torch's clients.
     """
 
-    __slots__ = ("hangwatch", "signal", "version")
+    __slots__ = ("hangwatch", "signal")
 
     def __init__(self, worker_pid: int, scope_id: str, expiration_time: float, signal: int = 0) -> None:
         super().__init__(worker_id=worker_pid, scope_id=scope_id, expiration_time=expiration_time)
-        self.version = 1
         self.signal = signal
         self.hangwatch: Any = None
+
+    @property
+    def version(self) -> int:
+        """The wire format's version: 1, the only one there is (a class constant, so a held timer costs less)."""
+        return 1
 
     @property
     def worker_pid(self) -> int:
@@ -82,7 +88,7 @@ class FileTimerRequest(TimerRequest):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, FileTimerRequest):
-            return super().__eq__(other) and self.version == other.version and self.signal == other.signal
+            return super().__eq__(other) and self.signal == other.signal
         return False
 
     __hash__ = None
@@ -120,9 +126,10 @@ class _DefaultSignal(int):
 
 
 _SERVER_DECIDES = _DefaultSignal(_signal.SIGKILL)
+_LONGEST_TIME = len(repr(-1.7976931348623157e308))  # the longest repr of a float
 
 
-class FileTimerClient(TimerClient):
+class FileTimerClient(GuardCache, TimerClient):
     """Client side of :class:`FileTimerServer`: writes requests to the server's FIFO.
 
     Works with hangwatch's server and with torch's. Safe to share between threads and to
@@ -183,6 +190,29 @@ class FileTimerClient(TimerClient):
         self._scopes: Dict[str, str] = {}
         self._tail_pid = -1
         self._acquire_tail = ""
+        self._init_guards()
+
+    @property
+    def _fast_guards(self) -> bool:
+        """Whether :func:`hangwatch.expires` may hand out cached guards (acquire/release not overridden)."""
+        cls = type(self)
+        return cls.acquire is FileTimerClient.acquire and cls.release is FileTimerClient.release
+
+    def _new_guard(self, scope: str, after: float, code: Any) -> LineGuard:
+        return LineGuard(self, after, scope, code, self._wire_for, self._send_data)
+
+    def _wire_for(self, scope: str) -> Wire:
+        """A guard's lines for ``scope`` from this process: the acquire split around its time, the release."""
+        pid = os.getpid()
+        if self._tail_pid != pid:
+            self.register_dump_handler()
+        scope_json = self._scope_json(scope)
+        head = f'{{"version": 1, "pid": {pid}, "scope_id": {scope_json}, "expiration_time": '
+        tail = self._acquire_tail
+        if len(head.encode()) + len(tail.encode()) + _LONGEST_TIME >= PIPE_BUF:
+            return (pid, None, None, None)  # acquire() says what is wrong
+        release = f'{{"version": 1, "pid": {pid}, "scope_id": {scope_json}, "expiration_time": -1, "signal": 0}}\n'
+        return (pid, head, tail, release.encode())
 
     # The wire format, built by hand: the same JSON as torch's, at a fraction of the cost.
 
@@ -268,6 +298,10 @@ class FileTimerClient(TimerClient):
             raise ValueError(
                 f"timer request is {len(data)} bytes, more than PIPE_BUF ({PIPE_BUF}); use a shorter scope_id"
             )
+        self._send_data(data)
+
+    def _send_data(self, data: bytes) -> None:
+        """Send one line of at most PIPE_BUF bytes."""
         fd = self._fd
         if fd >= 0 and self._fd_pid == os.getpid():
             try:
@@ -381,8 +415,63 @@ if hasattr(os, "register_at_fork"):
 # ------------------------------------------------------------------------------------ server side
 
 
+# The exact shape of the lines hangwatch's client and torch's write (json.dumps' separators,
+# torch's key order; hangwatch's optional field last). A line of this shape is decoded without
+# the JSON parser; any other line, even one that is valid JSON, takes the full path below.
+_CANONICAL = re.compile(
+    rb'\{"version": 1, "pid": ([1-9][0-9]{0,9}), "scope_id": "((?:[^"\\\x00-\x1f]|\\[^\x00-\x1f])*)", '
+    rb'"expiration_time": (-?(?:0|[1-9][0-9]{0,19})(?:\.[0-9]{1,20})?(?:[eE][-+]?[0-9]{1,3})?), '
+    rb'"signal": (-?[0-9]{1,3})(?:, "hangwatch": (\{.*\}))?\}'
+)
+# The "hangwatch" fields seen lately (a worker sends the same one with every acquire), decoded.
+_FIELDS: Dict[bytes, Any] = {}
+_MAX_FIELDS = 1024
+
+
+def _parse_canonical(line: bytes) -> Optional[FileTimerRequest]:
+    """Decode a line of the canonical shape, or return None (the caller then takes the full path)."""
+    match = _CANONICAL.fullmatch(line)
+    if match is None:
+        return None
+    pid_b, scope_b, expiration_b, signal_b, field_b = match.groups()
+    try:
+        scope = json.loads(b'"' + scope_b + b'"') if b"\\" in scope_b else scope_b.decode()
+    except ValueError:  # a bad escape, or not UTF-8
+        return None
+    if expiration_b == b"-1":
+        expiration: float = -1
+    elif b"." in expiration_b or b"e" in expiration_b or b"E" in expiration_b:
+        expiration = float(expiration_b)
+        if not math.isfinite(expiration):
+            return None
+    else:
+        expiration = int(expiration_b)
+    signum = int(signal_b)
+    if signum > 0 and signum not in VALID_SIGNALS:
+        return None
+    field = None
+    if field_b is not None:
+        field = _FIELDS.get(field_b)
+        if field is None:
+            try:
+                field = json.loads(field_b)
+            except (ValueError, RecursionError):
+                return None  # e.g. more keys after it: the full parser decides
+            if not isinstance(field, dict):
+                return None
+            if len(_FIELDS) >= _MAX_FIELDS:
+                _FIELDS.clear()
+            _FIELDS[field_b] = field
+    request = FileTimerRequest(int(pid_b), scope, expiration, signum)
+    request.hangwatch = field
+    return request
+
+
 def _parse_line(line: bytes) -> Tuple[Optional[FileTimerRequest], str]:
     """Decode one line of the wire format: (request, "") or (None, why it was refused)."""
+    request = _parse_canonical(line)
+    if request is not None:
+        return request, ""
     try:
         obj = json.loads(line)
     except UnicodeDecodeError:

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
+from ._guards import GuardCache, PickleGuard, Wire
 from ._pidserver import PidTimerServer
 from ._pipe import read_available, wait_and_take
 from ._reaper import ProcessPin, ReapPolicy, check_policy
@@ -39,6 +40,9 @@ def _check_queue(mp_queue: Any, *methods: str) -> None:
             f"mp_queue must be a multiprocessing queue, e.g. multiprocessing.get_context('spawn').Queue() "
             f"(got {type(mp_queue).__name__}, which has no {', '.join(missing)}())"
         )
+
+
+_frame_length = struct.Struct("!i").pack
 
 
 class _QueueWriter:
@@ -105,21 +109,26 @@ class _QueueWriter:
         q = self._queue
         if q._closed:
             raise ValueError(f"Queue {q!r} is closed")
-        message = struct.pack("!i", len(data)) + data  # multiprocessing.Connection's framing
-        deadline = time.monotonic() + self._send_timeout
-        fd = self._nonblocking_fd() if len(message) <= select.PIPE_BUF else -1
-        if not q._sem.acquire(True, self._send_timeout):
-            raise ServerUnavailableError(errno.ETIMEDOUT, "the timer queue stayed full; is the server running?")
-        sent = False
+        message = _frame_length(len(data)) + data  # multiprocessing.Connection's framing
+        sem = q._sem
+        deadline = 0.0  # set when the request has to wait: send_timeout bounds the whole wait
+        if not sem.acquire(False):
+            deadline = time.monotonic() + self._send_timeout
+            if not sem.acquire(True, self._send_timeout):
+                raise ServerUnavailableError(errno.ETIMEDOUT, "the timer queue stayed full; is the server running?")
         try:
-            if fd >= 0:
-                self._write(fd, message, deadline)
-            else:
-                self._write_locked(q, data, deadline)
-            sent = True
-        finally:
-            if not sent:
-                q._sem.release()
+            if len(message) <= select.PIPE_BUF:
+                fd = self._fd if self._fd_pid == os.getpid() else self._nonblocking_fd()
+                if fd >= 0:
+                    try:
+                        os.write(fd, message)  # at most PIPE_BUF bytes on a pipe: all or nothing
+                    except BlockingIOError:
+                        self._write(fd, message, deadline or time.monotonic() + self._send_timeout)
+                    return
+            self._write_locked(q, data, deadline or time.monotonic() + self._send_timeout)
+        except BaseException:
+            sem.release()  # not sent: the server will not release it
+            raise
 
     def _write_locked(self, q: Any, data: bytes, deadline: float) -> None:
         wlock = q._wlock
@@ -165,15 +174,36 @@ def _acquire_template(request: TimerRequest) -> Optional[Tuple[bytes, bytes]]:
 
     An acquire then costs a ``struct.pack`` instead of a pickling. Checked once by unpickling.
     """
-    data = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
-    if data.count(_MARK_BYTES) != 1:
+    return _split_at_time(pickle.dumps(request, pickle.HIGHEST_PROTOCOL), request)
+
+
+def _split_at_time(data: bytes, request: TimerRequest) -> Optional[Tuple[bytes, bytes]]:
+    """Split ``data``, the pickle of ``request``, around the 8 bytes of its float time: (head, tail), or None.
+
+    The head ends with the BINFLOAT opcode. Checked by unpickling the split with another time:
+    it must give the same request (identity included) with that time.
+    """
+    cls = type(request)
+    if cls not in _TEMPLATE_TYPES or type(request.expiration_time) is not float:
         return None
-    head, tail = data.split(_MARK_BYTES)
+    time_bytes = b"G" + _pack_time(request.expiration_time)
+    if data.count(time_bytes) != 1:
+        return None
+    head, tail = data.split(time_bytes)
     head += b"G"
-    probe = pickle.loads(head + struct.pack(">d", 1.5) + tail)
-    if type(probe) is not type(request) or probe != type(request)(request.worker_id, request.scope_id, 1.5):
+    try:
+        probe = pickle.loads(head + _pack_time(1.5) + tail)
+    except Exception:  # those bytes were not the time after all
+        return None
+    if type(probe) is not cls or probe != cls(request.worker_id, request.scope_id, 1.5):
+        return None
+    if cls is WorkerRequest and probe.hangwatch != request.hangwatch:  # type: ignore[attr-defined]
         return None
     return head, tail
+
+
+_pack_time = struct.Struct(">d").pack
+_unpack_time = struct.Struct(">d").unpack_from
 
 
 class WorkerRequest(TimerRequest):
@@ -192,7 +222,11 @@ class WorkerRequest(TimerRequest):
         return (type(self), (self.worker_id, self.scope_id, self.expiration_time, self.hangwatch))
 
 
-class LocalTimerClient(TimerClient):
+# The request types whose pickles are split around their time (the client's acquire, the server's known frames).
+_TEMPLATE_TYPES = (TimerRequest, WorkerRequest)
+
+
+class LocalTimerClient(GuardCache, TimerClient):
     """Client side of :class:`LocalTimerServer`: sends requests on a multiprocessing queue.
 
     Identifies the worker by ``os.getpid()`` at each request, so one client object can be
@@ -238,6 +272,27 @@ class LocalTimerClient(TimerClient):
         # template split around its time, and the release.
         self._acquires: Dict[str, Optional[Tuple[bytes, bytes]]] = {}
         self._releases: Dict[str, bytes] = {}
+        self._init_guards()
+
+    @property
+    def _fast_guards(self) -> bool:
+        """Whether :func:`hangwatch.expires` may hand out cached guards (a plain queue; methods not overridden)."""
+        cls = type(self)
+        return (
+            self._writer.direct and cls.acquire is LocalTimerClient.acquire and cls.release is LocalTimerClient.release
+        )
+
+    def _new_guard(self, scope: str, after: float, code: Any) -> PickleGuard:
+        return PickleGuard(self, after, scope, code, self._wire_for, self._writer.put_pickled)
+
+    def _wire_for(self, scope: str) -> Wire:
+        """A guard's requests for ``scope`` from this process: the acquire split around its time, the release."""
+        pid = os.getpid()
+        ext = self._ext if self._ext_pid == pid else self._identity()
+        template = _acquire_template(WorkerRequest(pid, scope, _MARK_TIME, ext))
+        if template is None:
+            return (pid, None, None, None)
+        return (pid, template[0], template[1], pickle.dumps(TimerRequest(pid, scope, -1), pickle.HIGHEST_PROTOCOL))
 
     def register_dump_handler(self) -> None:
         """Register this process's stack-dump handler now (:func:`hangwatch.configure` does; so does the first acquire).
@@ -333,6 +388,60 @@ class _Unreadable:
         return f"<unreadable queue message: {self.reason}>"
 
 
+class _KnownFrames:
+    """The frames hangwatch's clients send over and over, decoded without unpickling.
+
+    A worker sends the same release, and the same acquire but for the time's 8 bytes,
+    every time for a scope. The first of each is unpickled; if it is one of hangwatch's
+    request types, its bytes are kept (an acquire's split around its time and checked, see
+    :func:`_split_at_time`). A later frame of the same bytes (but for the time's) decodes
+    to the same request, so it is built directly: exactly what unpickling it would give.
+    """
+
+    __slots__ = ("_by_length", "_count")
+
+    def __init__(self) -> None:
+        # By frame length: (head, tail, make): a release has tail None and make the request itself.
+        self._by_length: Dict[int, List[Tuple[bytes, Optional[bytes], Any]]] = {}
+        self._count = 0
+
+    def decode(self, data: bytes, start: int, end: int) -> Any:
+        """The request in ``data[start:end]`` if it is a known frame, else None."""
+        shapes = self._by_length.get(end - start)
+        if shapes is not None:
+            for head, tail, make in shapes:
+                if data.startswith(head, start, end):
+                    if tail is None:
+                        return make
+                    if data.endswith(tail, start, end):
+                        return make(_unpack_time(data, start + len(head))[0])
+        return None
+
+    def learn(self, payload: bytes, request: Any) -> None:
+        """Keep the bytes of ``request``, just unpickled from ``payload``, if it is of a kind to keep."""
+        cls = type(request)
+        if cls not in _TEMPLATE_TYPES:
+            return
+        expiration = request.expiration_time
+        if type(expiration) is int and expiration < 0:
+            shape: Tuple[bytes, Optional[bytes], Any] = (payload, None, request)
+        else:
+            split = _split_at_time(payload, request)
+            if split is None:
+                return
+            pid, scope = request.worker_id, request.scope_id
+            if cls is WorkerRequest:
+                ext = request.hangwatch
+                shape = (split[0], split[1], lambda t: WorkerRequest(pid, scope, t, ext))
+            else:
+                shape = (split[0], split[1], lambda t: TimerRequest(pid, scope, t))
+        if self._count >= _CACHE_SCOPES:
+            self._by_length.clear()
+            self._count = 0
+        self._by_length.setdefault(len(payload), []).insert(0, shape)
+        self._count += 1
+
+
 class MultiprocessingRequestQueue(RequestQueue):
     """A :class:`RequestQueue` over a ``multiprocessing.Queue``; the watchdog waits on its pipe.
 
@@ -361,6 +470,7 @@ class MultiprocessingRequestQueue(RequestQueue):
         self._buffer = b""
         self._partial_since: Optional[float] = None  # since when the frame at the buffer's head is incomplete
         self._ready: Deque[Any] = deque()
+        self._known = _KnownFrames()
 
     def size(self) -> int:
         """How many requests are waiting (raises NotImplementedError where the platform cannot tell)."""
@@ -413,6 +523,7 @@ class MultiprocessingRequestQueue(RequestQueue):
         pos = 0
         end = len(data)
         sem = self._mp_queue._sem
+        known = self._known
         while pos < end:
             n = struct.unpack_from("!i", view, pos)[0] if end - pos >= 4 else 0
             if end - pos >= 4 and not 0 < n <= _MAX_FRAME:
@@ -428,13 +539,16 @@ class MultiprocessingRequestQueue(RequestQueue):
                     pos = _next_frame(data, pos + 1, keep_tail=False)
                     continue
                 break
-            payload = view[pos + 4 : pos + 4 + n]
-            try:
-                item = pickle.loads(payload)
-            except Exception as exc:
-                self._ready.append(_Unreadable(f"{type(exc).__name__}: {exc}"))
-                pos = _next_frame(data, pos + 1)
-                continue
+            item = known.decode(data, pos + 4, pos + 4 + n)
+            if item is None:
+                payload = data[pos + 4 : pos + 4 + n]
+                try:
+                    item = pickle.loads(payload)
+                except Exception as exc:
+                    self._ready.append(_Unreadable(f"{type(exc).__name__}: {exc}"))
+                    pos = _next_frame(data, pos + 1)
+                    continue
+                known.learn(payload, item)
             pos += 4 + n
             try:
                 sem.release()  # the writer acquired it for this message
