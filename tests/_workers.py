@@ -716,3 +716,21 @@ def decorated_blocks(kind: str, endpoint: Any, calls: int) -> None:
             step(i)
         except KeyError:
             pass
+
+
+def timed_blocks_file(path: str, plan: list) -> None:
+    """``plan``: (scope, after, sleep, times) entries, run in order with a FIFO client that never signals."""
+    client = hangwatch.FileTimerClient(path, signal=0)
+    for scope, after, sleep, times in plan:
+        for _ in range(times):
+            with hangwatch.expires(after=after, scope=scope, client=client):
+                time.sleep(sleep)
+
+
+def torch_timed_blocks_file(path: str, blocks: int) -> None:
+    import torch.distributed.elastic.timer as torch_timer
+
+    client = torch_timer.FileTimerClient(path, signal=0)
+    for _ in range(blocks):
+        with torch_timer.expires(after=5, scope="torch's", client=client):
+            time.sleep(0.01)

@@ -11,7 +11,7 @@ Deadlines are plain floats on whatever clock the caller uses (the servers use
 from __future__ import annotations
 
 import heapq
-from typing import Any, Dict, Generic, Iterator, List, Optional, TypeVar
+from typing import Any, Dict, Generic, Iterator, List, Optional, Tuple, TypeVar
 
 __all__ = ["DeadlineBook"]
 
@@ -22,7 +22,8 @@ P = TypeVar("P")
 # entries differ in (deadline, worker, scope), so a comparison never reaches the payloads. A dead
 # entry (replaced or removed) gets the worker _DEAD_WORKER (workers are ints >= 0) and the payload
 # _DEAD: it then differs from every live entry before the payload, and equals other dead ones.
-_DEADLINE, _WORKER, _SCOPE, _PAYLOAD = range(4)
+# A book that keeps start times (for statistics) appends the start: [deadline, worker, scope, payload, start].
+_DEADLINE, _WORKER, _SCOPE, _PAYLOAD, _START = range(5)
 _DEAD_WORKER = -1
 _DEAD: Any = object()
 
@@ -40,8 +41,11 @@ class DeadlineBook(Generic[W, P]):
     def __len__(self) -> int:
         return self._live
 
-    def set(self, worker: W, scope: str, deadline: float, payload: P) -> None:
-        """Add the timer, or replace the one this worker holds under ``scope`` (``worker``: an int >= 0)."""
+    def set(self, worker: W, scope: str, deadline: float, payload: P, start: Optional[float] = None) -> None:
+        """Add the timer, or replace the one this worker holds under ``scope`` (``worker``: an int >= 0).
+
+        ``start``, if given, is kept with the timer and returned by :meth:`take`.
+        """
         scopes = self._by_worker.get(worker)
         if scopes is None:
             scopes = self._by_worker[worker] = {}
@@ -51,7 +55,7 @@ class DeadlineBook(Generic[W, P]):
             old[_PAYLOAD] = _DEAD
         else:
             self._live += 1
-        entry = [deadline, worker, scope, payload]
+        entry = [deadline, worker, scope, payload] if start is None else [deadline, worker, scope, payload, start]
         scopes[scope] = entry
         heapq.heappush(self._heap, entry)
         self._maybe_compact()
@@ -68,6 +72,19 @@ class DeadlineBook(Generic[W, P]):
             del self._by_worker[worker]
         self._kill(entry)
         return True
+
+    def take(self, worker: W, scope: str) -> Optional[Tuple[float, Optional[float]]]:
+        """Remove one timer; return its (deadline, start), or None if it was not held."""
+        scopes = self._by_worker.get(worker)
+        if scopes is None:
+            return None
+        entry = scopes.pop(scope, None)
+        if entry is None:
+            return None
+        if not scopes:
+            del self._by_worker[worker]
+        self._kill(entry)
+        return entry[_DEADLINE], (entry[_START] if len(entry) > _START else None)
 
     def drop_worker(self, worker: W) -> List[P]:
         """Remove every timer of ``worker``; return their payloads."""

@@ -18,7 +18,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from ._deadlines import DeadlineBook
 from ._evidence import GroupEvidence
@@ -33,6 +33,7 @@ from ._reaper import (
     signal_name,
     start_time,
 )
+from ._stats import ScopeStats
 from ._worker import WorkerInfo, parse_identity
 from .api import RequestQueue, TimerRequest, TimerServer
 from .events import EventEmitter, EventSink, JsonLinesSink
@@ -50,6 +51,7 @@ _POLLED_EXIT_CHECK = 0.05
 
 _GIVE_WAY = 0.0002  # seconds the watchdog sleeps after a round while a reap waits for stacks
 _NUMBER_TYPES = (int, float)
+_NEAR_MISS_EVERY = 60.0  # seconds between two near-miss events of one scope
 _INF = math.inf
 
 
@@ -128,6 +130,12 @@ class PidTimerServer(TimerServer):
         limits: what one client may cost this server (default :class:`~hangwatch.Limits`).
         pin: how a worker is pinned and signalled (default :class:`ProcessPin`); tests
             pass a recorder.
+        statistics: keep per-scope figures of the released blocks (see
+            :meth:`scope_statistics`): the server then notes when each acquire arrived
+            (about 32 bytes more per active timer).
+        near_miss: with ``statistics``, a block released after using more than this fraction
+            of its budget gives a ``near miss`` event (at most one per scope a minute, with
+            the count of the others); None for none.
 
     Raises:
         ValueError: ``max_interval`` is not a finite number > 0, or ``allowed_pids`` holds a pid <= 1.
@@ -147,6 +155,8 @@ class PidTimerServer(TimerServer):
         on_event: Optional[EventSink] = None,
         limits: Optional[Limits] = None,
         pin: Callable[[int], ProcessPin] = ProcessPin,
+        statistics: bool = False,
+        near_miss: Optional[float] = 0.8,
     ) -> None:
         super().__init__(request_queue, max_interval, daemon)
         if limits is not None and not isinstance(limits, Limits):
@@ -175,6 +185,14 @@ class PidTimerServer(TimerServer):
             sinks.append(on_event)
         self._events = EventEmitter(log_event, sinks, rate=self._limits.refusal_events_per_second)
         self._request_count = 0
+        if near_miss is not None and (
+            isinstance(near_miss, bool) or not isinstance(near_miss, (int, float)) or not 0 < near_miss <= 1
+        ):
+            raise ValueError(f"near_miss must be a fraction in (0, 1], or None (got {near_miss!r})")
+        self._stats: Optional[Dict[str, ScopeStats]] = {} if statistics else None
+        self._near_miss = near_miss
+        self._near_miss_told: Dict[str, Tuple[float, int]] = {}  # scope -> (when told, misses left untold)
+        self._received = 0.0  # monotonic time the current batch of requests arrived
 
     # ----------------------------------------------------------------- configuration
 
@@ -252,7 +270,8 @@ class PidTimerServer(TimerServer):
         if not timer_requests:
             return
         # One offset for the batch: the wall clock at receipt maps onto the monotonic clock.
-        offset = time.monotonic() - time.time()
+        self._received = received = time.monotonic()
+        offset = received - time.time()
         for request in timer_requests:
             self._request_count += 1
             try:
@@ -277,7 +296,12 @@ class PidTimerServer(TimerServer):
         ):
             return
         if expiration < 0:
-            book.remove(pid, scope)
+            if self._stats is None:
+                book.remove(pid, scope)
+            else:
+                held = book.take(pid, scope)
+                if held is not None and held[1] is not None:
+                    self._count_block(pid, scope, held[0], held[1])
             return
         if not -_INF < expiration < _INF:  # inf or nan
             self._events.emit("bad request", worker=pid, scope=scope, reason=f"expiration_time is {expiration!r}")
@@ -312,7 +336,47 @@ class PidTimerServer(TimerServer):
                 f"this new one is refused",
             )
             return
-        book.set(pid, scope, expiration + offset, request)
+        book.set(pid, scope, expiration + offset, request, None if self._stats is None else self._received)
+
+    def _count_block(self, pid: int, scope: str, deadline: float, start: float) -> None:
+        """A held block was released: add it to its scope's figures; a near miss says so."""
+        assert self._stats is not None
+        stats = self._stats.get(scope)
+        if stats is None:
+            stats = self._stats[scope] = ScopeStats()
+        duration, budget = self._received - start, deadline - start
+        used = stats.add(duration, budget)
+        if self._near_miss is None or used <= self._near_miss:
+            return
+        told, untold = self._near_miss_told.get(scope, (-math.inf, 0))
+        if self._received - told < _NEAR_MISS_EVERY:
+            self._near_miss_told[scope] = (told, untold + 1)
+            return
+        self._near_miss_told[scope] = (self._received, 0)
+        self._events.emit(
+            "near miss",
+            worker=pid,
+            scope=scope,
+            duration_s=round(duration, 6),
+            timeout_s=round(budget, 6),
+            used=round(used, 4),
+            **({"suppressed": untold} if untold else {}),
+            **self._rank_details(pid),
+        )
+
+    def scope_statistics(self) -> Dict[str, Dict[str, Any]]:
+        """Each scope's figures so far: blocks, duration p50/p99/max, timeout, closest call, expiries.
+
+        Durations are measured by the server, from the arrival of an acquire to the arrival
+        of its release, so they work for any client, torch's included. See
+        :class:`hangwatch._stats.ScopeStats` for the fields.
+
+        Raises:
+            RuntimeError: the server was made without ``statistics=True``.
+        """
+        if self._stats is None:
+            raise RuntimeError(f"{type(self).__name__} keeps no statistics; make it with statistics=True")
+        return {scope: stats.to_dict() for scope, stats in sorted(list(self._stats.items()))}
 
     def _typed(self, request: TimerRequest, pid: Any, scope: Any, expiration: Any) -> bool:
         """Whether a request's fields have usable types (subclasses of int, str, float); else refuse it."""
@@ -357,6 +421,8 @@ class PidTimerServer(TimerServer):
         now = time.time()
         expired = sorted(expired_timers, key=lambda r: r.expiration_time)
         for request in expired:
+            if self._stats is not None:
+                self._stats.setdefault(request.scope_id, ScopeStats()).expired += 1
             self._events.emit(
                 "timer expired",
                 worker=worker_id,

@@ -627,6 +627,9 @@ class FileTimerServer(PidTimerServer):
             server's own process (usually ending it). Off by default.
         limits: what one client may cost this server (default :class:`~hangwatch.Limits`).
         pin: how a worker is pinned and signalled (tests pass a recorder).
+        statistics: keep per-scope figures of the released blocks (:meth:`scope_statistics`).
+        near_miss: with ``statistics``, the fraction of its budget above which a released
+            block gives a ``near miss`` event (default 0.8); None for none.
 
     Raises:
         FileExistsError: something other than a FIFO exists at ``file_path``.
@@ -650,6 +653,8 @@ class FileTimerServer(PidTimerServer):
         signal_self: bool = False,
         limits: Optional[Limits] = None,
         pin: Callable[[int], ProcessPin] = ProcessPin,
+        statistics: bool = False,
+        near_miss: Optional[float] = 0.8,
     ) -> None: ...
 
     @overload
@@ -669,6 +674,8 @@ class FileTimerServer(PidTimerServer):
         signal_self: bool = False,
         limits: Optional[Limits] = None,
         pin: Callable[[int], ProcessPin] = ProcessPin,
+        statistics: bool = False,
+        near_miss: Optional[float] = 0.8,
     ) -> None: ...
 
     def __init__(self, file_path: str, *args: Any, **kwargs: Any) -> None:
@@ -761,7 +768,19 @@ class FileTimerServer(PidTimerServer):
         return f"FileTimerServer({self._file_path!r}, run_id={self._run_id!r})"
 
 
-_SERVER_EXTRAS = frozenset({"reap_policy", "allowed_pids", "children_only", "event_file", "on_event", "limits", "pin"})
+_SERVER_EXTRAS = frozenset(
+    {
+        "reap_policy",
+        "allowed_pids",
+        "children_only",
+        "event_file",
+        "on_event",
+        "limits",
+        "pin",
+        "statistics",
+        "near_miss",
+    }
+)
 
 
 def _server_args(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[str, float, bool, Any]:

@@ -603,6 +603,9 @@ class LocalTimerServer(PidTimerServer):
         on_event: called with every :class:`~hangwatch.Event`.
         limits: what one client may cost this server (default :class:`~hangwatch.Limits`).
         pin: how a worker is pinned and signalled (tests pass a recorder).
+        statistics: keep per-scope figures of the released blocks (:meth:`scope_statistics`).
+        near_miss: with ``statistics``, the fraction of its budget above which a released
+            block gives a ``near miss`` event (default 0.8); None for none.
 
     Raises:
         TypeError: ``mp_queue`` is not a queue.
@@ -623,6 +626,8 @@ class LocalTimerServer(PidTimerServer):
         on_event: Optional[EventSink] = None,
         limits: Optional[Limits] = None,
         pin: Callable[[int], ProcessPin] = ProcessPin,
+        statistics: bool = False,
+        near_miss: Optional[float] = 0.8,
     ) -> None:
         super().__init__(
             MultiprocessingRequestQueue(mp_queue),
@@ -636,4 +641,6 @@ class LocalTimerServer(PidTimerServer):
             on_event=on_event,
             limits=limits,
             pin=pin,
+            statistics=statistics,
+            near_miss=near_miss,
         )
