@@ -62,16 +62,7 @@ class DeadlineBook(Generic[W, P]):
 
     def remove(self, worker: W, scope: str) -> bool:
         """Remove one timer; return whether it was there."""
-        scopes = self._by_worker.get(worker)
-        if scopes is None:
-            return False
-        entry = scopes.pop(scope, None)
-        if entry is None:
-            return False
-        if not scopes:
-            del self._by_worker[worker]
-        self._kill(entry)
-        return True
+        return self.take(worker, scope) is not None
 
     def take(self, worker: W, scope: str) -> Optional[Tuple[float, Optional[float]]]:
         """Remove one timer; return its (deadline, start), or None if it was not held."""

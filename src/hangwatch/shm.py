@@ -47,6 +47,7 @@ from types import TracebackType
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
 
 from . import api as _api
+from ._guards import GuardCache
 from ._pidserver import PidTimerServer
 from ._reaper import ProcessPin, ReapPolicy, check_policy, pidfd_identity
 from ._worker import DEFAULT_DUMP_SIGNAL, WorkerInfo, check_dump_signal, identity, parse_identity
@@ -163,7 +164,7 @@ def _detached_view(slots: int) -> _View:
 _CLIENTS: weakref.WeakSet[SharedMemoryTimerClient] = weakref.WeakSet()
 
 
-class SharedMemoryTimerClient(TimerClient):
+class SharedMemoryTimerClient(GuardCache, TimerClient):
     """Client side of :class:`SharedMemoryTimerServer`: a check-in is a store to shared memory.
 
     The process registers with the server at :func:`hangwatch.configure`, or at its first
@@ -224,9 +225,7 @@ class SharedMemoryTimerClient(TimerClient):
         self._slot_names: Dict[int, str] = {}
         self._slot_policy: Dict[int, Optional[ReapPolicy]] = {}
         self._guards_of: Dict[int, weakref.WeakSet[_Guard]] = {}
-        self._named: Dict[str, _Guard] = {}  # guard cache of named scopes
-        self._sites: Dict[int, _Guard] = {}  # guard cache of default scopes, by instruction offset
-        self._site_index: Dict[Tuple[Any, int], _Guard] = {}  # ... and by (code, offset)
+        self._init_guards(self._lock)  # expires()'s caches of this client's guards
         self._checked_at = -math.inf
         self._min_after = math.inf  # the shortest timeout used: the server scans our slots often enough for it
         _CLIENTS.add(self)
@@ -293,34 +292,9 @@ class SharedMemoryTimerClient(TimerClient):
 
     # ----------------------------------------------------------------- guards (the fast path of expires)
 
-    def _named_guard(self, after: float, scope: str) -> _Guard:
-        """A guard for ``scope`` (validated and cached); called by :func:`hangwatch.expires`."""
-        value = _api._check_after(after)
-        with self._lock:
-            guard = self._new_guard(scope, value, None)
-            if len(self._named) >= 4 * self._capacity:
-                self._named.clear()
-            self._named[scope] = guard
-        return guard
-
-    def _site_guard(self, after: float, frame: Any) -> _Guard:
-        """A guard for the default scope of the call site ``frame`` is at; called by :func:`hangwatch.expires`.
-
-        The cache is keyed by the instruction offset alone (cheap to hash), and each guard
-        checks its code object; two sites at the same offset share a cache entry, slower but right.
-        """
-        value = _api._check_after(after)
-        code, lasti = frame.f_code, frame.f_lasti
-        with self._lock:
-            guard = self._site_index.get((code, lasti))
-            if guard is None or guard._after != value:
-                guard = self._new_guard(f"{code.co_filename}#{frame.f_lineno}", value, code)
-                if len(self._site_index) >= 4 * self._capacity:
-                    self._site_index.clear()
-                    self._sites.clear()
-                self._site_index[(code, lasti)] = guard
-            self._sites[lasti] = guard
-        return guard
+    @property
+    def _guard_cache_max(self) -> int:
+        return 4 * self._capacity
 
     def _new_guard(self, scope: str, after: float, code: Any) -> _Guard:
         self._note_after(after)
@@ -368,7 +342,7 @@ class SharedMemoryTimerClient(TimerClient):
         """Free the slots of released scopes that no guard can still write (every slot is bound)."""
         view = self._view
         candidates = {s for s in self._slot_names if view[s] == 0.0}
-        caches: Tuple[Dict[Any, _Guard], ...] = (self._named, self._sites, self._site_index)
+        caches: Tuple[Dict[Any, Any], ...] = (self._named, self._sites, self._site_index)
         for cache in caches:
             for key in [k for k, g in cache.items() if g._slot in candidates]:
                 del cache[key]
