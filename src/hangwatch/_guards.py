@@ -13,6 +13,7 @@ again: the pid is inside).
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import struct
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 _CACHE_MAX = 4096
 
 
-class GuardCache:
+class GuardCache(abc.ABC):
     """A client mixin: the caches :func:`hangwatch.expires` reads, and how a guard is made.
 
     A client sets up the caches with :meth:`_init_guards` and implements :meth:`_new_guard`.
@@ -51,9 +52,9 @@ class GuardCache:
     def _guard_cache_max(self) -> int:
         return _CACHE_MAX
 
+    @abc.abstractmethod
     def _new_guard(self, scope: str, after: float, code: Any) -> _api._Expiry:
         """A new guard for ``scope`` (``code``: the call site's code object for a default scope). Holds the lock."""
-        raise NotImplementedError
 
     def _named_guard(self, after: float, scope: str) -> _api._Expiry:
         """A guard for ``scope`` (validated and cached); called by :func:`hangwatch.expires`."""
