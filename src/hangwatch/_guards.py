@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 from . import api as _api
 
-__all__ = ["GuardCache", "SendGuard"]
+__all__ = ["GuardCache", "LineGuard", "PickleGuard", "SendGuard", "Wire"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,18 +131,14 @@ class SendGuard(_api._Expiry):
         wire = self._wire
         if wire[0] != _getpid():
             wire = self._rewire()  # forked inside the block: release this process's timer, not the parent's
-        if exc_type is None:
-            if wire[3] is None:
-                self._client.release(self._scope)  # type: ignore[union-attr]
-            else:
-                self._send(wire[3])
-            return
         try:
             if wire[3] is None:
                 self._client.release(self._scope)  # type: ignore[union-attr]
             else:
                 self._send(wire[3])
         except Exception:
+            if exc_type is None:
+                raise
             # The block's own exception is what the user needs to see; say why the release failed.
             logger.warning(
                 "Could not release timer %r while the block raised %s", self._scope, exc_type.__name__, exc_info=True

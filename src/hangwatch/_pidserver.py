@@ -296,12 +296,9 @@ class PidTimerServer(TimerServer):
         ):
             return
         if expiration < 0:
-            if self._stats is None:
-                book.remove(pid, scope)
-            else:
-                held = book.take(pid, scope)
-                if held is not None and held[1] is not None:
-                    self._count_block(pid, scope, held[0], held[1])
+            held = book.take(pid, scope)
+            if held is not None and held[1] is not None:  # a start is kept only with statistics
+                self._count_block(pid, scope, held[0], held[1])
             return
         if not -_INF < expiration < _INF:  # inf or nan
             self._events.emit("bad request", worker=pid, scope=scope, reason=f"expiration_time is {expiration!r}")
@@ -340,10 +337,7 @@ class PidTimerServer(TimerServer):
 
     def _count_block(self, pid: int, scope: str, deadline: float, start: float) -> None:
         """A held block was released: add it to its scope's figures; a near miss says so."""
-        assert self._stats is not None
-        stats = self._stats.get(scope)
-        if stats is None:
-            stats = self._stats[scope] = ScopeStats()
+        stats = self._scope_stats(scope)
         duration, budget = self._received - start, deadline - start
         used = stats.add(duration, budget)
         if self._near_miss is None or used <= self._near_miss:
@@ -363,6 +357,14 @@ class PidTimerServer(TimerServer):
             **({"suppressed": untold} if untold else {}),
             **self._rank_details(pid),
         )
+
+    def _scope_stats(self, scope: str) -> ScopeStats:
+        """The figures of ``scope`` (made at its first block); only with statistics."""
+        assert self._stats is not None
+        stats = self._stats.get(scope)
+        if stats is None:
+            stats = self._stats[scope] = ScopeStats()
+        return stats
 
     def scope_statistics(self) -> Dict[str, Dict[str, Any]]:
         """Each scope's figures so far: blocks, duration p50/p99/max, timeout, closest call, expiries.
@@ -422,7 +424,7 @@ class PidTimerServer(TimerServer):
         expired = sorted(expired_timers, key=lambda r: r.expiration_time)
         for request in expired:
             if self._stats is not None:
-                self._stats.setdefault(request.scope_id, ScopeStats()).expired += 1
+                self._scope_stats(request.scope_id).expired += 1
             self._events.emit(
                 "timer expired",
                 worker=worker_id,

@@ -31,7 +31,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 
 from ._reaper import VALID_SIGNALS, ReapPolicy, pidfd_inode, signal_name, start_time
 
@@ -207,28 +207,6 @@ def parse_identity(info: object) -> WorkerInfo:
         return info
     if not isinstance(info, dict):
         raise ValueError(f"the hangwatch field must be an object (got {info!r})")
-    # A worker sends the same field with every acquire: decode each distinct one once.
-    key: Optional[Tuple[Any, ...]] = (tuple(info.items()), tuple(map(type, info.values())))
-    try:
-        known = _DECODED.get(key)  # type: ignore[arg-type]
-    except TypeError:  # an unhashable value (a reap policy): decoded every time
-        key = known = None
-    if known is not None:
-        return known
-    decoded = _decode_identity(info)
-    if key is not None:
-        if len(_DECODED) >= _MAX_DECODED:
-            _DECODED.clear()
-        _DECODED[key] = decoded
-    return decoded
-
-
-# Decoded identities, by the field's items and their types (True == 1, yet True is refused).
-_DECODED: Dict[Tuple[Any, ...], WorkerInfo] = {}
-_MAX_DECODED = 4096
-
-
-def _decode_identity(info: Dict[str, Any]) -> WorkerInfo:
     start = _int_field(info, "start", 0, math.inf)
     pidfd_ino = _int_field(info, "pidfd_ino", 0, math.inf)
     dump_signal = _int_field(info, "dump_signal", 1, signal.NSIG - 1)

@@ -129,6 +129,16 @@ _SERVER_DECIDES = _DefaultSignal(_signal.SIGKILL)
 _LONGEST_TIME = len(repr(-1.7976931348623157e308))  # the longest repr of a float
 
 
+# The wire format, built by hand: the same JSON as torch's, at a fraction of the cost. An acquire
+# line is this head, the time's repr, then the client's tail (signal and identity).
+def _acquire_head(pid: int, scope_json: str) -> str:
+    return f'{{"version": 1, "pid": {pid}, "scope_id": {scope_json}, "expiration_time": '
+
+
+def _release_line(pid: int, scope_json: str) -> str:
+    return f'{{"version": 1, "pid": {pid}, "scope_id": {scope_json}, "expiration_time": -1, "signal": 0}}\n'
+
+
 class FileTimerClient(GuardCache, TimerClient):
     """Client side of :class:`FileTimerServer`: writes requests to the server's FIFO.
 
@@ -207,14 +217,11 @@ class FileTimerClient(GuardCache, TimerClient):
         if self._tail_pid != pid:
             self.register_dump_handler()
         scope_json = self._scope_json(scope)
-        head = f'{{"version": 1, "pid": {pid}, "scope_id": {scope_json}, "expiration_time": '
+        head = _acquire_head(pid, scope_json)
         tail = self._acquire_tail
         if len(head.encode()) + len(tail.encode()) + _LONGEST_TIME >= PIPE_BUF:
             return (pid, None, None, None)  # acquire() says what is wrong
-        release = f'{{"version": 1, "pid": {pid}, "scope_id": {scope_json}, "expiration_time": -1, "signal": 0}}\n'
-        return (pid, head, tail, release.encode())
-
-    # The wire format, built by hand: the same JSON as torch's, at a fraction of the cost.
+        return (pid, head, tail, _release_line(pid, scope_json).encode())
 
     def _scope_json(self, scope_id: str) -> str:
         encoded = self._scopes.get(scope_id)
@@ -263,10 +270,7 @@ class FileTimerClient(GuardCache, TimerClient):
             if self._tail_pid != pid:
                 self.register_dump_handler()
             tail = self._acquire_tail
-        self._send(
-            f'{{"version": 1, "pid": {pid}, "scope_id": {self._scope_json(scope_id)}, '
-            f'"expiration_time": {float(expiration_time)!r}{tail}'
-        )
+        self._send(_acquire_head(pid, self._scope_json(scope_id)) + repr(float(expiration_time)) + tail)
 
     def release(self, scope_id: str) -> None:
         """Release this worker's timer ``scope_id``.
@@ -274,10 +278,7 @@ class FileTimerClient(GuardCache, TimerClient):
         Raises:
             ServerUnavailableError: no server reads the FIFO (a BrokenPipeError).
         """
-        self._send(
-            f'{{"version": 1, "pid": {os.getpid()}, "scope_id": {self._scope_json(scope_id)}, '
-            f'"expiration_time": -1, "signal": 0}}\n'
-        )
+        self._send(_release_line(os.getpid(), self._scope_json(scope_id)))
 
     def close(self) -> None:
         """Close the pipe descriptor, if open (the next request opens it again).

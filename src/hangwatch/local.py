@@ -289,10 +289,29 @@ class LocalTimerClient(GuardCache, TimerClient):
         """A guard's requests for ``scope`` from this process: the acquire split around its time, the release."""
         pid = os.getpid()
         ext = self._ext if self._ext_pid == pid else self._identity()
-        template = _acquire_template(WorkerRequest(pid, scope, _MARK_TIME, ext))
+        template = self._template(pid, ext, scope)
         if template is None:
             return (pid, None, None, None)
-        return (pid, template[0], template[1], pickle.dumps(TimerRequest(pid, scope, -1), pickle.HIGHEST_PROTOCOL))
+        return (pid, template[0], template[1], self._release_data(pid, scope))
+
+    def _template(self, pid: int, ext: Dict[str, Any], scope: str) -> Optional[Tuple[bytes, bytes]]:
+        """This process's acquire of ``scope``, pickled once and split around its time (None: cannot be)."""
+        try:
+            return self._acquires[scope]
+        except KeyError:
+            template = _acquire_template(WorkerRequest(pid, scope, _MARK_TIME, ext))
+            if len(self._acquires) < _CACHE_SCOPES:
+                self._acquires[scope] = template
+            return template
+
+    def _release_data(self, pid: int, scope: str) -> bytes:
+        """This process's release of ``scope``, pickled once."""
+        data = self._releases.get(scope)
+        if data is None:
+            data = pickle.dumps(TimerRequest(pid, scope, -1), pickle.HIGHEST_PROTOCOL)
+            if len(self._releases) < _CACHE_SCOPES:
+                self._releases[scope] = data
+        return data
 
     def register_dump_handler(self) -> None:
         """Register this process's stack-dump handler now (:func:`hangwatch.configure` does; so does the first acquire).
@@ -321,12 +340,7 @@ class LocalTimerClient(GuardCache, TimerClient):
         pid = os.getpid()
         ext = self._ext if self._ext_pid == pid else self._identity()
         if reap_policy is None and self._writer.direct:
-            try:
-                template = self._acquires[scope_id]
-            except KeyError:
-                template = _acquire_template(WorkerRequest(pid, scope_id, _MARK_TIME, ext))
-                if len(self._acquires) < _CACHE_SCOPES:
-                    self._acquires[scope_id] = template
+            template = self._template(pid, ext, scope_id)
             if template is not None and type(expiration_time) is float:
                 self._writer.put_pickled(template[0] + struct.pack(">d", expiration_time) + template[1])
                 return
@@ -340,16 +354,10 @@ class LocalTimerClient(GuardCache, TimerClient):
         pid = os.getpid()
         if self._ext_pid != pid:
             self._identity()
-        data = self._releases.get(scope_id)
-        if data is None:
-            request = TimerRequest(pid, scope_id, -1)
-            if not self._writer.direct:
-                self._writer.put(request)
-                return
-            data = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
-            if len(self._releases) < _CACHE_SCOPES:
-                self._releases[scope_id] = data
-        self._writer.put_pickled(data)
+        if not self._writer.direct:
+            self._writer.put(TimerRequest(pid, scope_id, -1))
+            return
+        self._writer.put_pickled(self._release_data(pid, scope_id))
 
 
 # No timer request comes near this size: a longer frame is torn or hostile.
