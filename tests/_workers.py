@@ -734,3 +734,74 @@ def torch_timed_blocks_file(path: str, blocks: int) -> None:
     for _ in range(blocks):
         with torch_timer.expires(after=5, scope="torch's", client=client):
             time.sleep(0.01)
+
+
+# ----------------------------------------------------------------- deadlines that fit the job (issue 16)
+
+
+def learning_job(kind: str, address: Any, plan: list, hang: Optional[float], marks: Any) -> None:
+    """Run ``plan`` ((scope, after, sleep, times, learn) entries, in order), then, if ``hang`` is given, hang
+    in scope "step" with ``after=hang``; the monotonic time the hang began is put on ``marks`` (a queue)."""
+    hangwatch.configure(client_for(kind, address))
+    for scope, after, sleep, times, learn in plan:
+        for _ in range(times):
+            with hangwatch.expires(after=after, scope=scope, learn=learn):
+                if sleep:
+                    time.sleep(sleep)
+    client = hangwatch.get_configured_client()
+    if isinstance(client, hangwatch.SharedMemoryTimerClient):
+        client.report_blocks()  # what a hang would otherwise hold back for up to a second
+    if hang is None:
+        return
+    marks.put(time.monotonic())
+    with hangwatch.expires(after=hang, scope="step"):
+        time.sleep(60)
+
+
+def slow_steps(kind: str, address: Any, steps: int, median: float, slow: float, every: int) -> None:
+    """A healthy job: steps of ``median`` seconds, every ``every``-th one ``slow`` seconds, in scope "step"."""
+    hangwatch.configure(client_for(kind, address))
+    for i in range(steps):
+        with hangwatch.expires(after=30, scope="step"):
+            time.sleep(slow if i % every == every // 2 else median)
+
+
+def shm_nested_blocks_counted(path: str, blocks: int) -> None:
+    """Nested blocks of one scope: the inner release releases (torch's rule), so each pair counts once."""
+    hangwatch.configure(hangwatch.SharedMemoryTimerClient(path))
+    for _ in range(blocks):
+        with hangwatch.expires(after=30, scope="nested"):
+            with hangwatch.expires(after=30, scope="nested"):
+                pass
+
+
+def heartbeats(kind: str, address: Any, beats: int, interval: float, timeout: float, then: str, marks: Any) -> None:
+    """Beat "loop" ``beats`` times, ``interval`` apart, with ``timeout``; then: "stall" (sleep, not beating),
+    "gil" (hold the GIL in the re engine), or "stop" (stop the heartbeat, then sleep past its timeout and exit 0).
+    The monotonic time of the last beat is sent on ``marks`` (a pipe's end: written at once, not by a thread)."""
+    import re
+
+    hangwatch.configure(client_for(kind, address))
+    for _ in range(beats):
+        hangwatch.heartbeat("loop", timeout)
+        time.sleep(interval)
+    hb = hangwatch.heartbeat("loop", timeout)
+    marks.send(time.monotonic())
+    if then == "stop":
+        hb.stop()
+        time.sleep(timeout * 3)
+        return
+    if then == "gil":
+        re.match(r"(a+)+$", "a" * 64 + "b")
+    time.sleep(60)
+
+
+def heartbeat_in_with(kind: str, address: Any, timeout: float) -> None:
+    """Beats inside a with block, then sleeps three timeouts after it (its exit stopped the heartbeat)."""
+    hangwatch.configure(client_for(kind, address))
+    with hangwatch.heartbeat("loop", timeout) as hb:
+        assert hb.scope == "loop" and hb.timeout == timeout
+        for _ in range(5):
+            time.sleep(timeout / 5)
+            hb.beat()
+    time.sleep(timeout * 3)

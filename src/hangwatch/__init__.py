@@ -28,6 +28,8 @@ from .api import RequestQueue, TimerClient, TimerRequest, TimerServer, configure
 from .env import configure_from_env
 from .events import EVENT_NAMES, Event, JsonLinesSink
 from .file import FileTimerClient, FileTimerRequest, FileTimerServer, ServerUnavailableError
+from .heartbeat import Heartbeat, heartbeat
+from .learn import LearnedDeadline, Learning, ScopeStatistics
 from .limits import Limits
 from .local import LocalTimerClient, LocalTimerServer, MultiprocessingRequestQueue
 from .shm import SharedMemoryTimerClient, SharedMemoryTimerServer
@@ -43,13 +45,17 @@ __all__ = [
     "FileTimerClient",
     "FileTimerRequest",
     "FileTimerServer",
+    "Heartbeat",
     "JsonLinesSink",
+    "LearnedDeadline",
+    "Learning",
     "Limits",
     "LocalTimerClient",
     "LocalTimerServer",
     "MultiprocessingRequestQueue",
     "ReapPolicy",
     "RequestQueue",
+    "ScopeStatistics",
     "ServerUnavailableError",
     "SharedMemoryTimerClient",
     "SharedMemoryTimerServer",
@@ -61,4 +67,5 @@ __all__ = [
     "configure_from_env",
     "expires",
     "get_configured_client",
+    "heartbeat",
 ]

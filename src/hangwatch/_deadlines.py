@@ -22,8 +22,8 @@ P = TypeVar("P")
 # entries differ in (deadline, worker, scope), so a comparison never reaches the payloads. A dead
 # entry (replaced or removed) gets the worker _DEAD_WORKER (workers are ints >= 0) and the payload
 # _DEAD: it then differs from every live entry before the payload, and equals other dead ones.
-# A book that keeps start times (for statistics) appends the start: [deadline, worker, scope, payload, start].
-_DEADLINE, _WORKER, _SCOPE, _PAYLOAD, _START = range(5)
+# A book that keeps start times (for statistics) or notes appends them: [deadline, worker, scope, payload, start, note].
+_DEADLINE, _WORKER, _SCOPE, _PAYLOAD, _START, _NOTE = range(6)
 _DEAD_WORKER = -1
 _DEAD: Any = object()
 
@@ -41,10 +41,13 @@ class DeadlineBook(Generic[W, P]):
     def __len__(self) -> int:
         return self._live
 
-    def set(self, worker: W, scope: str, deadline: float, payload: P, start: Optional[float] = None) -> None:
+    def set(
+        self, worker: W, scope: str, deadline: float, payload: P, start: Optional[float] = None, note: Any = None
+    ) -> None:
         """Add the timer, or replace the one this worker holds under ``scope`` (``worker``: an int >= 0).
 
-        ``start``, if given, is kept with the timer and returned by :meth:`take`.
+        ``start`` and ``note``, if given, are kept with the timer: :meth:`take` returns them,
+        :meth:`note_of` the note.
         """
         scopes = self._by_worker.get(worker)
         if scopes is None:
@@ -55,7 +58,10 @@ class DeadlineBook(Generic[W, P]):
             old[_PAYLOAD] = _DEAD
         else:
             self._live += 1
-        entry = [deadline, worker, scope, payload] if start is None else [deadline, worker, scope, payload, start]
+        if start is None and note is None:
+            entry = [deadline, worker, scope, payload]
+        else:
+            entry = [deadline, worker, scope, payload, start, note]
         scopes[scope] = entry
         heapq.heappush(self._heap, entry)
         self._maybe_compact()
@@ -64,8 +70,8 @@ class DeadlineBook(Generic[W, P]):
         """Remove one timer; return whether it was there."""
         return self.take(worker, scope) is not None
 
-    def take(self, worker: W, scope: str) -> Optional[Tuple[float, Optional[float]]]:
-        """Remove one timer; return its (deadline, start), or None if it was not held."""
+    def take(self, worker: W, scope: str) -> Optional[Tuple[float, Optional[float], Any]]:
+        """Remove one timer; return its (deadline, start, note), or None if it was not held."""
         scopes = self._by_worker.get(worker)
         if scopes is None:
             return None
@@ -75,7 +81,9 @@ class DeadlineBook(Generic[W, P]):
         if not scopes:
             del self._by_worker[worker]
         self._kill(entry)
-        return entry[_DEADLINE], (entry[_START] if len(entry) > _START else None)
+        if len(entry) > _START:
+            return entry[_DEADLINE], entry[_START], entry[_NOTE]
+        return entry[_DEADLINE], None, None
 
     def drop_worker(self, worker: W) -> List[P]:
         """Remove every timer of ``worker``; return their payloads."""
@@ -113,6 +121,11 @@ class DeadlineBook(Generic[W, P]):
         """The deadline of one timer, or None if it is not held."""
         entry = self._by_worker.get(worker, {}).get(scope)
         return None if entry is None else float(entry[_DEADLINE])
+
+    def note_of(self, worker: W, scope: str) -> Any:
+        """The note kept with one timer (None if none, or the timer is not held)."""
+        entry = self._by_worker.get(worker, {}).get(scope)
+        return entry[_NOTE] if entry is not None and len(entry) > _NOTE else None
 
     def next_deadline(self) -> Optional[float]:
         """The earliest deadline among active timers, or None when there are none."""

@@ -18,7 +18,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple, Union
 
 from ._deadlines import DeadlineBook
 from ._evidence import GroupEvidence
@@ -33,10 +33,10 @@ from ._reaper import (
     signal_name,
     start_time,
 )
-from ._stats import ScopeStats
 from ._worker import WorkerInfo, parse_identity
 from .api import RequestQueue, TimerRequest, TimerServer
 from .events import EventEmitter, EventSink, JsonLinesSink
+from .learn import LearnedDeadline, Learning, ScopeStatistics
 from .limits import Limits
 
 __all__ = ["PidTimerServer"]
@@ -55,11 +55,25 @@ _NEAR_MISS_EVERY = 60.0  # seconds between two near-miss events of one scope
 _INF = math.inf
 
 
+class _Held(NamedTuple):
+    """What the book keeps with a timer whose deadline was learned (shorter than its ``after``)."""
+
+    learned: LearnedDeadline
+    after_deadline: float  # the deadline its after gave, on the monotonic clock
+    wall_deadline: float  # the learned deadline, in time.time() seconds
+    after_s: float  # the timeout the block asked for (as the server received it)
+
+    def details(self) -> Dict[str, Any]:
+        """For events: the learned deadline, the figures it came from, and the block's own timeout."""
+        return {"learned": {**self.learned.to_dict(), "after_s": round(self.after_s, 3)}}
+
+
 class _Reap:
     """One worker being reaped: where it is in its policy."""
 
     __slots__ = (
         "first_signal_at",
+        "held",
         "last_signal",
         "next_at",
         "own",
@@ -88,6 +102,11 @@ class _Reap:
         self.last_signal = 0
         self.waits_for: Optional[GroupEvidence] = None  # the stacks this reap waits for (its group's, or its own)
         self.own: Optional[GroupEvidence] = None  # the collection of this worker's stack alone, once asked
+        self.held: Optional[_Held] = None  # the expired timer's learned deadline, if it had one
+
+    def deadline(self) -> float:
+        """The expired timer's deadline in ``time.time()`` seconds (the learned one, if it had one)."""
+        return self.request.expiration_time if self.held is None else self.held.wall_deadline
 
     def evidence(self) -> Dict[str, Any]:
         """The stack for the event, or why there is none."""
@@ -96,6 +115,22 @@ class _Reap:
         if self.stack_note is not None:
             return {"stack_note": self.stack_note}
         return {}
+
+
+def _statistics_table(statistics: Union[bool, ScopeStatistics], learn: Optional[Learning]) -> Optional[ScopeStatistics]:
+    """The server's table: a shared one, one of its own, or none."""
+    if learn is not None and not isinstance(learn, Learning):
+        raise TypeError(f"learn must be a hangwatch.Learning (got {learn!r})")
+    if isinstance(statistics, ScopeStatistics):
+        if learn is not None and learn != statistics.learning:
+            raise ValueError(
+                "learn= and a shared statistics= table disagree: give the Learning to the ScopeStatistics "
+                "(ScopeStatistics(learning)) and leave learn= out"
+            )
+        return statistics
+    if not isinstance(statistics, bool):
+        raise TypeError(f"statistics must be True, False or a hangwatch.ScopeStatistics (got {statistics!r})")
+    return ScopeStatistics(learn) if statistics or learn is not None else None
 
 
 def _check_pids(pids: Optional[Iterable[int]]) -> Optional[frozenset[int]]:
@@ -131,11 +166,17 @@ class PidTimerServer(TimerServer):
         pin: how a worker is pinned and signalled (default :class:`ProcessPin`); tests
             pass a recorder.
         statistics: keep per-scope figures of the released blocks (see
-            :meth:`scope_statistics`): the server then notes when each acquire arrived
-            (about 32 bytes more per active timer).
+            :meth:`scope_statistics`): True for a table of this server's own, or a
+            :class:`~hangwatch.ScopeStatistics` to share with other servers (and attempts).
+            The server then notes when each acquire arrived (about 40 bytes more per active
+            timer).
         near_miss: with ``statistics``, a block released after using more than this fraction
             of its budget gives a ``near miss`` event (at most one per scope a minute, with
             the count of the others); None for none.
+        learn: learn each scope's deadline from its blocks (see :class:`~hangwatch.Learning`):
+            a block then gets ``min(after, max(floor, factor x quantile))``. Implies
+            statistics; to share what is learned, give ``statistics=ScopeStatistics(learning)``
+            instead.
 
     Raises:
         ValueError: ``max_interval`` is not a finite number > 0, or ``allowed_pids`` holds a pid <= 1.
@@ -155,8 +196,9 @@ class PidTimerServer(TimerServer):
         on_event: Optional[EventSink] = None,
         limits: Optional[Limits] = None,
         pin: Callable[[int], ProcessPin] = ProcessPin,
-        statistics: bool = False,
+        statistics: Union[bool, ScopeStatistics] = False,
         near_miss: Optional[float] = 0.8,
+        learn: Optional[Learning] = None,
     ) -> None:
         super().__init__(request_queue, max_interval, daemon)
         if limits is not None and not isinstance(limits, Limits):
@@ -189,7 +231,10 @@ class PidTimerServer(TimerServer):
             isinstance(near_miss, bool) or not isinstance(near_miss, (int, float)) or not 0 < near_miss <= 1
         ):
             raise ValueError(f"near_miss must be a fraction in (0, 1], or None (got {near_miss!r})")
-        self._stats: Optional[Dict[str, ScopeStats]] = {} if statistics else None
+        self._stats = _statistics_table(statistics, learn)
+        self._learning = None if self._stats is None else self._stats.learning
+        self._applied_learn: Dict[int, Optional[bool]] = {}  # a pinned worker -> the learn choice of _applied's field
+        self._table_full_told = False
         self._near_miss = near_miss
         self._near_miss_told: Dict[str, Tuple[float, int]] = {}  # scope -> (when told, misses left untold)
         self._received = 0.0  # monotonic time the current batch of requests arrived
@@ -298,12 +343,13 @@ class PidTimerServer(TimerServer):
         if expiration < 0:
             held = book.take(pid, scope)
             if held is not None and held[1] is not None:  # a start is kept only with statistics
-                self._count_block(pid, scope, held[0], held[1])
+                self._count_block(pid, scope, held[0], held[1], held[2])
             return
         if not -_INF < expiration < _INF:  # inf or nan
             self._events.emit("bad request", worker=pid, scope=scope, reason=f"expiration_time is {expiration!r}")
             return
         ext = getattr(request, "hangwatch", None)
+        learn: Optional[bool] = None
         # The transports hand out one object per distinct identity field: the one this pinned
         # worker sent last was decoded and applied already.
         if ext is None or ext is not self._applied.get(pid):
@@ -317,12 +363,16 @@ class PidTimerServer(TimerServer):
             if pid not in self._pins and not self._pin(pid, scope, info):
                 return
             if info is not None:
+                learn = info.learn
                 if info.rank is not None:
                     self._ranks[pid] = info.rank
                 if info.dump_signal:
                     self._dump_handlers.add(pid)
                 if info.policy is None or info.policy == "server":  # a policy is checked again at a reap
                     self._applied[pid] = ext
+                    self._applied_learn[pid] = learn
+        elif self._learning is not None:
+            learn = self._applied_learn.get(pid)
         cap = self._limits.timers_per_worker
         if book.count_of(pid) >= cap and not book.holds(pid, scope):
             self._events.emit(
@@ -333,20 +383,63 @@ class PidTimerServer(TimerServer):
                 f"this new one is refused",
             )
             return
-        book.set(pid, scope, expiration + offset, request, None if self._stats is None else self._received)
+        if self._stats is None:
+            book.set(pid, scope, expiration + offset, request)
+            return
+        deadline = expiration + offset
+        note: Optional[_Held] = None
+        learning = self._learning
+        if learning is not None and (learning.default if learn is None else learn):
+            learned = self._stats.learned(scope)
+            if learned is not None and self._received + learned.seconds < deadline:
+                cut = self._received + learned.seconds
+                note = _Held(learned, deadline, cut - offset, deadline - self._received)
+                deadline = cut
+        book.set(pid, scope, deadline, request, self._received if self._measures_blocks else None, note)
 
-    def _count_block(self, pid: int, scope: str, deadline: float, start: float) -> None:
+    # Whether this server measures blocks itself, from the arrival of acquire and release (the
+    # shared-memory server's clients measure and report their own blocks instead).
+    _measures_blocks = True
+
+    def _count_block(self, pid: int, scope: str, deadline: float, start: float, note: Optional[_Held]) -> None:
         """A held block was released: add it to its scope's figures; a near miss says so."""
-        stats = self._scope_stats(scope)
+        assert self._stats is not None
         duration, budget = self._received - start, deadline - start
-        used = stats.add(duration, budget)
+        used = self._stats.add(scope, duration, budget, None if note is None else note.after_deadline - start)
+        if used is None:
+            self._table_full(pid, scope)
+            return
+        if note is None:
+            self._near(pid, scope, used, duration, budget)
+        else:
+            self._near(pid, scope, used, duration, budget, note.details())
+
+    def _table_full(self, pid: int, scope: str) -> None:
+        """A block of a new scope was not counted: the statistics table is full (said once)."""
+        if self._table_full_told:
+            return
+        self._table_full_told = True
+        assert self._stats is not None
+        self._events.emit(
+            "limit reached",
+            worker=pid,
+            scope=scope,
+            reason=f"the statistics track {self._stats.max_scopes} scopes, the most they may "
+            f"(ScopeStatistics.max_scopes); blocks of further scopes are not counted or learned",
+        )
+
+    def _near(
+        self, pid: int, scope: str, used: float, duration: float, budget: float, extra: Optional[Dict[str, Any]] = None
+    ) -> None:
+        """A released block used ``used`` of its budget: past ``near_miss``, a ``near miss`` event (rate-limited)."""
         if self._near_miss is None or used <= self._near_miss:
             return
+        now = time.monotonic()
         told, untold = self._near_miss_told.get(scope, (-math.inf, 0))
-        if self._received - told < _NEAR_MISS_EVERY:
+        if now - told < _NEAR_MISS_EVERY:
             self._near_miss_told[scope] = (told, untold + 1)
             return
-        self._near_miss_told[scope] = (self._received, 0)
+        self._near_miss_told[scope] = (now, 0)
         self._events.emit(
             "near miss",
             worker=pid,
@@ -355,30 +448,30 @@ class PidTimerServer(TimerServer):
             timeout_s=round(budget, 6),
             used=round(used, 4),
             **({"suppressed": untold} if untold else {}),
+            **(extra or {}),
             **self._rank_details(pid),
         )
-
-    def _scope_stats(self, scope: str) -> ScopeStats:
-        """The figures of ``scope`` (made at its first block); only with statistics."""
-        assert self._stats is not None
-        stats = self._stats.get(scope)
-        if stats is None:
-            stats = self._stats[scope] = ScopeStats()
-        return stats
 
     def scope_statistics(self) -> Dict[str, Dict[str, Any]]:
         """Each scope's figures so far: blocks, duration p50/p99/max, timeout, closest call, expiries.
 
         Durations are measured by the server, from the arrival of an acquire to the arrival
-        of its release, so they work for any client, torch's included. See
-        :class:`hangwatch._stats.ScopeStats` for the fields.
+        of its release, so they work for any client, torch's included (the shared-memory
+        server's clients measure their own blocks). See
+        :meth:`hangwatch.ScopeStatistics.figures` for the fields; a shared table holds every
+        server's blocks.
 
         Raises:
-            RuntimeError: the server was made without ``statistics=True``.
+            RuntimeError: the server was made without ``statistics`` or ``learn``.
         """
         if self._stats is None:
             raise RuntimeError(f"{type(self).__name__} keeps no statistics; make it with statistics=True")
-        return {scope: stats.to_dict() for scope, stats in sorted(list(self._stats.items()))}
+        return self._stats.figures()
+
+    @property
+    def statistics(self) -> Optional[ScopeStatistics]:
+        """The server's statistics table (shared, if it was given one), or None."""
+        return self._stats
 
     def _typed(self, request: TimerRequest, pid: Any, scope: Any, expiration: Any) -> bool:
         """Whether a request's fields have usable types (subclasses of int, str, float); else refuse it."""
@@ -422,16 +515,24 @@ class PidTimerServer(TimerServer):
     def _reap_expired(self, worker_id: Any, expired_timers: List[TimerRequest]) -> bool:
         now = time.time()
         expired = sorted(expired_timers, key=lambda r: r.expiration_time)
+        notes: Dict[str, _Held] = {}
         for request in expired:
+            deadline = request.expiration_time
+            details = self._rank_details(worker_id)
             if self._stats is not None:
-                self._scope_stats(request.scope_id).expired += 1
+                self._stats.expired(request.scope_id)
+                held = self._book.note_of(worker_id, request.scope_id)
+                if isinstance(held, _Held):
+                    notes[request.scope_id] = held
+                    deadline = held.wall_deadline
+                    details.update(held.details())
             self._events.emit(
                 "timer expired",
                 worker=worker_id,
                 scope=request.scope_id,
                 request=request,
-                late_s=round(now - request.expiration_time, 6),
-                **self._rank_details(worker_id),
+                late_s=round(now - deadline, 6),
+                **details,
             )
         if worker_id in self._reaps:
             return True  # already being reaped
@@ -458,13 +559,17 @@ class PidTimerServer(TimerServer):
             pin = self._pins[worker_id]
         job = _Reap(worker_id, pin, chosen, policy)
         job.scopes = [r.scope_id for r in expired]
+        job.held = notes.get(chosen.scope_id)
         self._reaps[worker_id] = job
         group = self._group
         if group is not None and not group.done:
             rank = group.rank_of(worker_id)
             if rank is not None:
                 scope = chosen.scope_id
-                group.collect(pid=worker_id, rank=rank, scope=scope, reason=f"timer {scope!r} expired")
+                reason = f"timer {scope!r} expired"
+                if job.held is not None:
+                    reason += f" at its learned deadline of {job.held.learned.describe()}"
+                group.collect(pid=worker_id, rank=rank, scope=scope, reason=reason)
                 self._await_evidence(job, group)
                 return True
         self._start_evidence(job)
@@ -563,7 +668,9 @@ class PidTimerServer(TimerServer):
         details: Dict[str, Any] = {"signal": signal_name(signum), "step": f"{job.step + 1}/{len(policy.signals)}"}
         if job.step == 0:
             job.first_signal_at = time.monotonic()
-            details["late_s"] = round(time.time() - job.request.expiration_time, 6)
+            details["late_s"] = round(time.time() - job.deadline(), 6)
+            if job.held is not None:
+                details.update(job.held.details())
             if len(job.scopes) > 1:
                 details["scopes"] = job.scopes
             if job.pid in self._lineage:
@@ -723,6 +830,7 @@ class PidTimerServer(TimerServer):
         self._lineage.pop(pid, None)
         self._ranks.pop(pid, None)
         self._applied.pop(pid, None)
+        self._applied_learn.pop(pid, None)
         if pin is not None:
             if pin.fileno() >= 0:
                 self._unwatch_fd(pin.fileno())

@@ -20,6 +20,9 @@ request)::
 - ``reap``: the reap policy chosen by the client or the ``expires`` call (see
   :class:`~hangwatch.ReapPolicy`); ``"server"`` means the server's. Without the key a
   request follows torch's rule (its own ``signal``, or the server's policy).
+- ``learn``: the ``expires(..., learn=)`` choice of the block: true to have its deadline
+  learned (see :mod:`hangwatch.learn`), false never to; without the key the server's
+  default applies.
 """
 
 from __future__ import annotations
@@ -143,13 +146,20 @@ def _own_identity() -> tuple[int, int]:
     return _start_cache[1], _start_cache[2]
 
 
-def identity(dump_signal: int, policy: Optional[ReapPolicy] = None, *, server_policy: bool = False) -> Dict[str, Any]:
+def identity(
+    dump_signal: int,
+    policy: Optional[ReapPolicy] = None,
+    *,
+    server_policy: bool = False,
+    learn: Optional[bool] = None,
+) -> Dict[str, Any]:
     """This process's identity for the wire (see the module docstring); registers the dump handler.
 
     Args:
         dump_signal: the client's dump signal (0: none).
         policy: the reap policy to ask for, if any.
         server_policy: without a policy, ask explicitly for the server's (``"reap": "server"``).
+        learn: the block's learning choice, if it made one.
     """
     info: Dict[str, Any] = {}
     start, inode = _own_identity()
@@ -168,6 +178,8 @@ def identity(dump_signal: int, policy: Optional[ReapPolicy] = None, *, server_po
         info["reap"] = policy.to_wire()
     elif server_policy:
         info["reap"] = "server"
+    if learn is not None:
+        info["learn"] = bool(learn)
     return info
 
 
@@ -186,6 +198,7 @@ class WorkerInfo(NamedTuple):
     dump_fd: int
     policy: Union[ReapPolicy, str, None]  # a policy, "server", or None (torch's rule)
     rank: Optional[int] = None  # the worker's global rank, when it said
+    learn: Optional[bool] = None  # the block's learning choice (None: the server's default)
 
 
 def _int_field(info: Mapping[str, Any], key: str, low: int, high: float) -> Optional[int]:
@@ -219,4 +232,7 @@ def parse_identity(info: object) -> WorkerInfo:
     reap = info.get("reap")
     policy: Union[ReapPolicy, str, None]
     policy = reap if reap is None or reap == "server" else ReapPolicy.from_wire(reap)
-    return WorkerInfo(start, pidfd_ino, dump_signal or 0, -1 if dump_fd is None else dump_fd, policy, rank)
+    learn = info.get("learn")
+    if learn is not None and not isinstance(learn, bool):
+        raise ValueError(f"hangwatch.learn must be true or false (got {learn!r})")
+    return WorkerInfo(start, pidfd_ino, dump_signal or 0, -1 if dump_fd is None else dump_fd, policy, rank, learn)

@@ -529,13 +529,16 @@ _NO_CLIENT = (
 class _Expiry:
     """What :func:`expires` returns: a context manager, and a decorator."""
 
-    __slots__ = ("_after", "_client", "_entered_client", "_policy", "_scope")
+    __slots__ = ("_after", "_client", "_entered_client", "_learn", "_policy", "_scope")
 
-    def __init__(self, after: float, scope: str, client: Optional[TimerClient], policy: Any = None) -> None:
+    def __init__(
+        self, after: float, scope: str, client: Optional[TimerClient], policy: Any = None, learn: Optional[bool] = None
+    ) -> None:
         self._after = after
         self._scope = scope
         self._client = client
         self._policy = policy
+        self._learn = learn
         self._entered_client: Optional[TimerClient] = None
 
     def __enter__(self) -> None:
@@ -545,15 +548,25 @@ class _Expiry:
             if client is None:
                 raise RuntimeError(_NO_CLIENT)
         self._entered_client = client
-        if self._policy is None:
+        if self._policy is None and self._learn is None:
             client.acquire(self._scope, time.time() + self._after)
             return
-        if not getattr(client, "accepts_reap_policy", False):
-            raise TypeError(
-                f"{type(client).__name__} cannot carry a reap policy; use a hangwatch client "
-                f"(LocalTimerClient, FileTimerClient) or set reap_policy on the server instead"
-            )
-        client.acquire(self._scope, time.time() + self._after, reap_policy=self._policy)  # type: ignore[call-arg]
+        options: Dict[str, Any] = {}
+        if self._policy is not None:
+            if not getattr(client, "accepts_reap_policy", False):
+                raise TypeError(
+                    f"{type(client).__name__} cannot carry a reap policy; use a hangwatch client "
+                    f"(LocalTimerClient, FileTimerClient, SharedMemoryTimerClient) or set reap_policy on the server"
+                )
+            options["reap_policy"] = self._policy
+        if self._learn is not None:
+            if not getattr(client, "accepts_learn", False):
+                raise TypeError(
+                    f"{type(client).__name__} cannot carry learn=; use a hangwatch client (LocalTimerClient, "
+                    f"FileTimerClient, SharedMemoryTimerClient), or choose on the server (Learning(default=...))"
+                )
+            options["learn"] = self._learn
+        client.acquire(self._scope, time.time() + self._after, **options)
 
     def __exit__(
         self,
@@ -579,7 +592,7 @@ class _Expiry:
 
     def _fresh(self) -> _Expiry:
         """A context manager for one call of a decorated function."""
-        return _Expiry(self._after, self._scope, self._client, self._policy)
+        return _Expiry(self._after, self._scope, self._client, self._policy, self._learn)
 
     def __call__(self, func: _F) -> _F:
         fresh = self._fresh
@@ -601,7 +614,12 @@ class _Expiry:
 
 
 def expires(
-    after: float, scope: Optional[str] = None, client: Optional[TimerClient] = None, *, reap_policy: Any = None
+    after: float,
+    scope: Optional[str] = None,
+    client: Optional[TimerClient] = None,
+    *,
+    reap_policy: Any = None,
+    learn: Optional[bool] = None,
 ) -> _Expiry:
     """Guard a block with a countdown timer: if it is not left within ``after`` seconds, the worker may be reaped.
 
@@ -620,18 +638,23 @@ def expires(
         reap_policy: how to reap the worker if this block's timer expires (a
             :class:`~hangwatch.ReapPolicy`; default: the client's, else the server's).
             Needs a hangwatch client.
+        learn: whether a server that learns deadlines (:class:`~hangwatch.Learning`) may
+            give this block a learned deadline shorter than ``after``: True to ask for it,
+            False never to (e.g. a checkpoint save of varying length); default the server's
+            choice. Needs a hangwatch client; a server that does not learn ignores it.
 
     Returns:
         A context manager that is also a decorator.
 
     Raises:
         ValueError: ``after`` is not a finite number >= 0.
-        TypeError: ``reap_policy`` is not a ReapPolicy, or (on entry) the client cannot carry one.
+        TypeError: ``reap_policy`` is not a ReapPolicy, ``learn`` not a bool, or (on entry)
+            the client cannot carry them.
         RuntimeError: on entry, when no client was given or configured.
     """
     # hangwatch's clients' fast path: a cached guard per scope (or call site), bound to the
     # client configured now (see hangwatch._guards).
-    if client is None and reap_policy is None and _fast_named is not None:
+    if client is None and reap_policy is None and learn is None and _fast_named is not None:
         if scope is None:
             frame = _getframe(1)
             guard = _fast_sites.get(frame.f_lasti)
@@ -642,7 +665,7 @@ def expires(
         if guard is not None and guard._after == after:
             return guard  # type: ignore[no-any-return]
         return _fast_client._named_guard(after, scope)  # type: ignore[no-any-return]
-    if reap_policy is None and getattr(client, "_fast_guards", False) is True:
+    if reap_policy is None and learn is None and getattr(client, "_fast_guards", False) is True:
         fast: Any = client
         if scope is None:
             frame = _getframe(1)
@@ -661,4 +684,6 @@ def expires(
         from ._reaper import check_policy
 
         check_policy(reap_policy)
-    return _Expiry(_check_after(after), scope, client, reap_policy)
+    if learn is not None and not isinstance(learn, bool):
+        raise TypeError(f"learn must be True, False or None (got {learn!r})")
+    return _Expiry(_check_after(after), scope, client, reap_policy, learn)

@@ -40,6 +40,7 @@ EVENT_NAMES: Dict[str, str] = {
     "kill server process": "torch's behaviour, opted into: the server signalled its own process after a reap",
     "hang report": "the agent's report of a failed attempt: every rank's stack, the grouping, the likely culprit",
     "limit reached": "a client reached a limit of the server (connections, timers, scopes); what it asked is refused",
+    "near miss": "a released block used more than near_miss of its budget (statistics on; one per scope a minute)",
 }
 
 TORCH_EVENT_NAMES = frozenset({"watchdog started", "timer expired", "kill worker process", "watchdog stopped"})

@@ -45,6 +45,7 @@ from ._reaper import VALID_SIGNALS, ProcessPin, ReapPolicy, check_policy, signal
 from ._worker import DEFAULT_DUMP_SIGNAL, check_dump_signal, identity
 from .api import RequestQueue, ServerUnavailableError, TimerClient, TimerRequest, _check_interval
 from .events import EventSink
+from .learn import Learning, ScopeStatistics
 from .limits import Limits
 
 __all__ = ["FileTimerClient", "FileTimerRequest", "FileTimerServer", "ServerUnavailableError"]
@@ -167,6 +168,7 @@ class FileTimerClient(GuardCache, TimerClient):
     """
 
     accepts_reap_policy = True
+    accepts_learn = True
 
     def __init__(
         self,
@@ -233,12 +235,12 @@ class FileTimerClient(GuardCache, TimerClient):
                 self._scopes[scope_id] = encoded
         return encoded
 
-    def _tail(self, policy: Optional[ReapPolicy]) -> str:
+    def _tail(self, policy: Optional[ReapPolicy], learn: Optional[bool] = None) -> str:
         """The end of an acquire line: the signal and this process's identity."""
         signum = self.signal
         if policy is not None:
             signum = policy.signals[0] if policy.signals else 0
-        ext = identity(self._dump_signal, policy, server_policy=self._server_decides)
+        ext = identity(self._dump_signal, policy, server_policy=self._server_decides, learn=learn)
         return f', "signal": {signum}, "hangwatch": {json.dumps(ext, separators=(",", ":"))}}}\n'
 
     def register_dump_handler(self) -> None:
@@ -249,13 +251,20 @@ class FileTimerClient(GuardCache, TimerClient):
         self._acquire_tail = self._tail(self._reap_policy)
         self._tail_pid = os.getpid()
 
-    def acquire(self, scope_id: str, expiration_time: float, reap_policy: Optional[ReapPolicy] = None) -> None:
+    def acquire(
+        self,
+        scope_id: str,
+        expiration_time: float,
+        reap_policy: Optional[ReapPolicy] = None,
+        learn: Optional[bool] = None,
+    ) -> None:
         """Ask the server to reap this worker at ``expiration_time`` unless ``scope_id`` is released.
 
         Args:
             scope_id: the timer's name within this worker.
             expiration_time: absolute ``time.time()`` seconds.
             reap_policy: how to reap this worker if this timer expires (default: the client's).
+            learn: whether the server may learn this timer's deadline (default: the server's choice).
 
         Raises:
             ServerUnavailableError: no server reads the FIFO (a BrokenPipeError).
@@ -264,8 +273,8 @@ class FileTimerClient(GuardCache, TimerClient):
         if not math.isfinite(expiration_time):
             raise ValueError(f"expiration_time must be a finite time.time() value (got {expiration_time!r})")
         pid = os.getpid()
-        if reap_policy is not None:
-            tail = self._tail(check_policy(reap_policy))
+        if reap_policy is not None or learn is not None:
+            tail = self._tail(check_policy(reap_policy) or self._reap_policy, learn)
         else:
             if self._tail_pid != pid:
                 self.register_dump_handler()
@@ -628,9 +637,11 @@ class FileTimerServer(PidTimerServer):
             server's own process (usually ending it). Off by default.
         limits: what one client may cost this server (default :class:`~hangwatch.Limits`).
         pin: how a worker is pinned and signalled (tests pass a recorder).
-        statistics: keep per-scope figures of the released blocks (:meth:`scope_statistics`).
+        statistics: keep per-scope figures of the released blocks (:meth:`scope_statistics`):
+            True, or a :class:`~hangwatch.ScopeStatistics` shared with other servers.
         near_miss: with ``statistics``, the fraction of its budget above which a released
             block gives a ``near miss`` event (default 0.8); None for none.
+        learn: learn each scope's deadline from its blocks (:class:`~hangwatch.Learning`).
 
     Raises:
         FileExistsError: something other than a FIFO exists at ``file_path``.
@@ -654,8 +665,9 @@ class FileTimerServer(PidTimerServer):
         signal_self: bool = False,
         limits: Optional[Limits] = None,
         pin: Callable[[int], ProcessPin] = ProcessPin,
-        statistics: bool = False,
+        statistics: Union[bool, ScopeStatistics] = False,
         near_miss: Optional[float] = 0.8,
+        learn: Optional[Learning] = None,
     ) -> None: ...
 
     @overload
@@ -675,8 +687,9 @@ class FileTimerServer(PidTimerServer):
         signal_self: bool = False,
         limits: Optional[Limits] = None,
         pin: Callable[[int], ProcessPin] = ProcessPin,
-        statistics: bool = False,
+        statistics: Union[bool, ScopeStatistics] = False,
         near_miss: Optional[float] = 0.8,
+        learn: Optional[Learning] = None,
     ) -> None: ...
 
     def __init__(self, file_path: str, *args: Any, **kwargs: Any) -> None:
@@ -780,6 +793,7 @@ _SERVER_EXTRAS = frozenset(
         "pin",
         "statistics",
         "near_miss",
+        "learn",
     }
 )
 

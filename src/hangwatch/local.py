@@ -28,6 +28,7 @@ from ._reaper import ProcessPin, ReapPolicy, check_policy
 from ._worker import DEFAULT_DUMP_SIGNAL, check_dump_signal, identity
 from .api import RequestQueue, ServerUnavailableError, TimerClient, TimerRequest, _check_interval
 from .events import EventSink
+from .learn import Learning, ScopeStatistics
 from .limits import Limits
 
 __all__ = ["LocalTimerClient", "LocalTimerServer", "MultiprocessingRequestQueue", "WorkerRequest"]
@@ -251,6 +252,7 @@ class LocalTimerClient(GuardCache, TimerClient):
     """
 
     accepts_reap_policy = True
+    accepts_learn = True
 
     def __init__(
         self,
@@ -329,17 +331,26 @@ class LocalTimerClient(GuardCache, TimerClient):
             self._releases = {}
         return self._ext
 
-    def acquire(self, scope_id: str, expiration_time: float, reap_policy: Optional[ReapPolicy] = None) -> None:
+    def acquire(
+        self,
+        scope_id: str,
+        expiration_time: float,
+        reap_policy: Optional[ReapPolicy] = None,
+        learn: Optional[bool] = None,
+    ) -> None:
         """Ask the server to reap this worker at ``expiration_time`` unless ``scope_id`` is released.
 
         Args:
             scope_id: the timer's name within this worker.
             expiration_time: absolute ``time.time()`` seconds.
             reap_policy: how to reap this worker if this timer expires (default: the client's).
+            learn: whether the server may learn this timer's deadline (default: the server's choice).
         """
         pid = os.getpid()
         ext = self._ext if self._ext_pid == pid else self._identity()
-        if reap_policy is None and self._writer.direct:
+        if learn is not None:
+            ext = {**ext, "learn": bool(learn)}
+        elif reap_policy is None and self._writer.direct:
             template = self._template(pid, ext, scope_id)
             if template is not None and type(expiration_time) is float:
                 self._writer.put_pickled(template[0] + struct.pack(">d", expiration_time) + template[1])
@@ -611,9 +622,11 @@ class LocalTimerServer(PidTimerServer):
         on_event: called with every :class:`~hangwatch.Event`.
         limits: what one client may cost this server (default :class:`~hangwatch.Limits`).
         pin: how a worker is pinned and signalled (tests pass a recorder).
-        statistics: keep per-scope figures of the released blocks (:meth:`scope_statistics`).
+        statistics: keep per-scope figures of the released blocks (:meth:`scope_statistics`):
+            True, or a :class:`~hangwatch.ScopeStatistics` shared with other servers.
         near_miss: with ``statistics``, the fraction of its budget above which a released
             block gives a ``near miss`` event (default 0.8); None for none.
+        learn: learn each scope's deadline from its blocks (:class:`~hangwatch.Learning`).
 
     Raises:
         TypeError: ``mp_queue`` is not a queue.
@@ -634,8 +647,9 @@ class LocalTimerServer(PidTimerServer):
         on_event: Optional[EventSink] = None,
         limits: Optional[Limits] = None,
         pin: Callable[[int], ProcessPin] = ProcessPin,
-        statistics: bool = False,
+        statistics: Union[bool, ScopeStatistics] = False,
         near_miss: Optional[float] = 0.8,
+        learn: Optional[Learning] = None,
     ) -> None:
         super().__init__(
             MultiprocessingRequestQueue(mp_queue),
@@ -651,4 +665,5 @@ class LocalTimerServer(PidTimerServer):
             pin=pin,
             statistics=statistics,
             near_miss=near_miss,
+            learn=learn,
         )

@@ -27,6 +27,8 @@ Linux only.
 
 from __future__ import annotations
 
+import array
+import atexit
 import errno
 import fcntl
 import functools
@@ -50,9 +52,11 @@ from . import api as _api
 from ._guards import GuardCache
 from ._pidserver import PidTimerServer
 from ._reaper import ProcessPin, ReapPolicy, check_policy, pidfd_identity
+from ._stats import ScopeStats
 from ._worker import DEFAULT_DUMP_SIGNAL, WorkerInfo, check_dump_signal, identity, parse_identity
 from .api import RequestQueue, ServerUnavailableError, TimerClient, TimerRequest, _check_interval
 from .events import EventSink
+from .learn import Learning, ScopeStatistics
 from .limits import Limits
 from .local import WorkerRequest
 
@@ -84,6 +88,10 @@ _MAX_SLOTS = 1 << 20
 _CHUNK = 4096
 # The longest a worker's slots go unread (it also keeps the heartbeat fresh, well within _STALE).
 _MAX_SCAN = 0.25
+# How often, at most, a worker reports its blocks to a server that keeps statistics (from a block's exit).
+_REPORT_EVERY = 1.0
+# ... or sooner, when this many blocks of one scope wait to be folded into its figures.
+_FOLD_AT = 4096
 # Work one worker may cause in one round of the watchdog (the rest waits for the next round, after the others):
 _DRAIN_MESSAGES = 64  # socket messages read
 _SLOTS_PER_READ = 4096  # changed slots turned into requests
@@ -124,7 +132,7 @@ class _Guard(_api._Expiry):
     acquire wins, the first release releases.
     """
 
-    __slots__ = ("__weakref__", "_code", "_slot", "_view")
+    __slots__ = ("__weakref__", "_code", "_due", "_slot", "_tally", "_view")
 
     _client: SharedMemoryTimerClient
 
@@ -132,6 +140,10 @@ class _Guard(_api._Expiry):
         super().__init__(after, scope, client)
         self._slot = slot
         self._view = client._view  # the client repoints its guards when it (re)registers
+        # When the server keeps statistics: where the block's duration goes on exit (a list per
+        # slot and timeout), and when the client next folds and reports them.
+        self._tally = client._tally_of(slot, after)
+        self._due = client._due
         self._code = code  # the call site's code object, for a default scope
 
     def __enter__(self, _clock: Callable[[], float] = time.monotonic, _stale: float = _STALE) -> None:
@@ -146,11 +158,27 @@ class _Guard(_api._Expiry):
         exc_type: Optional[Type[BaseException]],
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
+        _clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._view[self._slot] = 0.0
+        tally = self._tally
+        if tally is None:
+            self._view[self._slot] = 0.0
+            return
+        view, slot = self._view, self._slot
+        deadline = view[slot]
+        view[slot] = 0.0
+        if deadline > 0.0:  # 0: released already (by a nested block of the same scope, as torch's)
+            now = _clock()
+            tally.append(now - deadline + self._after)
+            if now >= self._due[0] or len(tally) > _FOLD_AT:
+                self._client._fold(now)
 
     def _fresh(self) -> _api._Expiry:
         return self  # holds no per-block state: one guard serves every call of a decorated function
+
+    def _disarm(self) -> None:
+        """Release without counting a block (a heartbeat's stop: the time since its last beat is no block)."""
+        self._view[self._slot] = 0.0
 
     def __repr__(self) -> str:
         return f"<expires(after={self._after!r}, scope={self._scope!r}) on {self._client!r}>"
@@ -192,6 +220,7 @@ class SharedMemoryTimerClient(GuardCache, TimerClient):
     """
 
     accepts_reap_policy = True
+    accepts_learn = True
     _fast_guards = True  # hangwatch.expires hands out this client's cached guards
 
     def __init__(
@@ -224,6 +253,13 @@ class SharedMemoryTimerClient(GuardCache, TimerClient):
         self._names: Dict[str, int] = {}  # scope -> slot
         self._slot_names: Dict[int, str] = {}
         self._slot_policy: Dict[int, Optional[ReapPolicy]] = {}
+        self._slot_learn: Dict[int, Optional[bool]] = {}
+        self._slot_after: Dict[int, float] = {}  # the timeout of the slot's last acquire() (torch's interface)
+        # Statistics, when the server keeps them: this process measures its blocks and reports them.
+        self._keep_stats = False
+        self._pending: Dict[Tuple[int, float], List[float]] = {}  # (slot, after) -> durations not folded yet
+        self._tallies: Dict[int, ScopeStats] = {}  # slot -> blocks folded since the last report
+        self._due = array.array("d", [0.0])  # when the pending blocks are next folded and reported
         self._guards_of: Dict[int, weakref.WeakSet[_Guard]] = {}
         self._init_guards(self._lock)  # expires()'s caches of this client's guards
         self._checked_at = -math.inf
@@ -245,8 +281,21 @@ class SharedMemoryTimerClient(GuardCache, TimerClient):
                     # configure() must not fail because the server starts later: the first block retries.
                     logger.warning("hangwatch: %s; registering again at the first block", exc)
 
-    def acquire(self, scope_id: str, expiration_time: float, reap_policy: Optional[ReapPolicy] = None) -> None:
+    def acquire(
+        self,
+        scope_id: str,
+        expiration_time: float,
+        reap_policy: Optional[ReapPolicy] = None,
+        learn: Optional[bool] = None,
+    ) -> None:
         """Hold timer ``scope_id`` until ``expiration_time`` (``time.time()`` seconds).
+
+        Args:
+            scope_id: the timer's name within this worker.
+            expiration_time: absolute ``time.time()`` seconds.
+            reap_policy: how to reap this worker if this timer expires (default: the client's).
+            learn: whether the server may learn this scope's deadline (default: the server's
+                choice); the choice stays with the scope in this process until changed.
 
         Raises:
             ServerUnavailableError: the server is gone and none listens on the socket.
@@ -260,8 +309,11 @@ class SharedMemoryTimerClient(GuardCache, TimerClient):
             slot = self._slot_for(scope_id)
             now, after = _monotonic(), expiration_time - time.time()
             self._note_after(max(0.0, after))
+            self._slot_after[slot] = max(0.0, after)
             if self._slot_policy.get(slot) is not policy:
                 self._set_policy(slot, policy)
+            if self._slot_learn.get(slot) is not learn:
+                self._set_learn(slot, learn)
             view = self._view
             if now - view[_HEARTBEAT] > _STALE:
                 view = self._revive(now)
@@ -270,12 +322,23 @@ class SharedMemoryTimerClient(GuardCache, TimerClient):
     def release(self, scope_id: str) -> None:
         """Release timer ``scope_id`` (nothing happens if it is not held)."""
         slot = self._names.get(scope_id)
-        if slot is not None:
-            self._view[slot] = 0.0
+        if slot is None:
+            return
+        view = self._view
+        deadline = view[slot]
+        view[slot] = 0.0
+        after = self._slot_after.get(slot)
+        tally = None if after is None else self._tally_of(slot, after)
+        if deadline > 0.0 and tally is not None and after is not None:
+            now = _monotonic()
+            tally.append(now - deadline + after)
+            if now >= self._due[0] or len(tally) > _FOLD_AT:
+                self._fold(now)
 
     def close(self) -> None:
         """Leave the server: held timers stay with it until this process exits; the next block registers again."""
         with self._lock:
+            self.report_blocks()
             sock, self._sock = self._sock, None
             self._pid = -1
             self._repoint(_detached_view(self._capacity))
@@ -305,9 +368,62 @@ class SharedMemoryTimerClient(GuardCache, TimerClient):
     def _repoint(self, view: _View) -> None:
         """Make ``view`` this process's file, for the client and every guard (holds the lock, or after fork)."""
         self._view = view
-        for guards in self._guards_of.values():
+        for slot, guards in self._guards_of.items():
             for guard in guards:
                 guard._view = view
+                guard._tally = self._tally_of(slot, guard._after)
+
+    # ----------------------------------------------------------------- statistics (when the server keeps them)
+
+    def _tally_of(self, slot: int, after: float) -> Optional[List[float]]:
+        """Where the durations of ``slot``'s blocks of timeout ``after`` go on exit: None without statistics."""
+        if not self._keep_stats:
+            return None
+        key = (slot, after)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = []
+        return pending
+
+    def _fold(self, now: float, report: bool = False) -> None:
+        """Count the pending blocks into each slot's figures; report them when a report is due (or ``report``)."""
+        with self._lock:
+            for (slot, after), pending in self._pending.items():
+                if pending:
+                    durations = pending[:]
+                    del pending[: len(durations)]  # what another thread appended meanwhile stays for the next fold
+                    stats = self._tallies.get(slot)
+                    if stats is None:
+                        stats = self._tallies[slot] = ScopeStats()
+                    stats.add_durations(durations, after)
+            if report or now >= self._due[0]:
+                self._due[0] = now + _REPORT_EVERY
+                self._report()
+
+    def report_blocks(self) -> None:
+        """Send the server the blocks counted since the last report (done about once a second, and at exit).
+
+        A no-op when the server keeps no statistics or is not reachable (the counts then
+        wait for the next report).
+        """
+        self._fold(_monotonic(), report=True)
+
+    def _report(self) -> None:
+        """Send the folded figures, in messages of bounded size (holds the lock)."""
+        if not self._tallies or self._sock is None or self._pid != os.getpid():
+            return
+        tallies, self._tallies = self._tallies, {}
+        batch: List[List[Any]] = []
+        size = 0
+        for slot, stats in tallies.items():
+            wire = stats.to_wire()
+            batch.append([slot, wire])
+            size += 24 * (len(wire[6]) + 8)  # a generous bound of its JSON length
+            if size > _MAX_MESSAGE // 2:
+                self._send({"stats": batch}, quiet=True)
+                batch, size = [], 0
+        if batch:
+            self._send({"stats": batch}, quiet=True)
 
     # ----------------------------------------------------------------- slots and names
 
@@ -333,6 +449,8 @@ class SharedMemoryTimerClient(GuardCache, TimerClient):
         self._names[scope] = slot
         self._slot_names[slot] = scope
         self._slot_policy[slot] = None
+        self._slot_learn[slot] = None
+        self._slot_after.pop(slot, None)
         self._guards_of[slot] = weakref.WeakSet()
         if self._pid == os.getpid() and self._sock is not None:
             self._send({"bind": [[slot, scope]]}, quiet=True)
@@ -340,6 +458,7 @@ class SharedMemoryTimerClient(GuardCache, TimerClient):
 
     def _recycle(self) -> None:
         """Free the slots of released scopes that no guard can still write (every slot is bound)."""
+        self.report_blocks()  # the counts of a slot go out under its old name
         view = self._view
         candidates = {s for s in self._slot_names if view[s] == 0.0}
         caches: Tuple[Dict[Any, Any], ...] = (self._named, self._sites, self._site_index)
@@ -347,6 +466,10 @@ class SharedMemoryTimerClient(GuardCache, TimerClient):
             for key in [k for k, g in cache.items() if g._slot in candidates]:
                 del cache[key]
         self._free = sorted((s for s in candidates if not self._guards_of.get(s)), reverse=True)
+        freed = set(self._free)
+        self._pending = {key: durations for key, durations in self._pending.items() if key[0] not in freed}
+        for slot in freed:
+            self._tallies.pop(slot, None)  # not sent (no server): they must not count under the slot's next name
         if not self._free:
             raise RuntimeError(
                 f"this process holds {self._capacity} timers at once, the most its shared-memory file allows; "
@@ -364,6 +487,13 @@ class SharedMemoryTimerClient(GuardCache, TimerClient):
         self._slot_policy[slot] = policy
         if self._pid == os.getpid() and self._sock is not None:
             self._send({"policy": [[slot, None if policy is None else policy.to_wire()]]}, quiet=True)
+
+    def _set_learn(self, slot: int, learn: Optional[bool]) -> None:
+        if learn is not None and not isinstance(learn, bool):
+            raise TypeError(f"learn must be True, False or None (got {learn!r})")
+        self._slot_learn[slot] = learn
+        if self._pid == os.getpid() and self._sock is not None:
+            self._send({"learn": [[slot, learn]]}, quiet=True)
 
     # ----------------------------------------------------------------- registration
 
@@ -492,6 +622,9 @@ class SharedMemoryTimerClient(GuardCache, TimerClient):
         policies = [[s, p.to_wire()] for s, p in self._slot_policy.items() if p is not None]
         if policies:
             self._send({"policy": policies}, quiet=False)
+        choices = [[s, c] for s, c in self._slot_learn.items() if c is not None]
+        if choices:
+            self._send({"learn": choices}, quiet=False)
         if carry is not None:
             for slot in self._slot_names:
                 if slot < len(view) and slot < len(carry) and carry[slot] != 0.0:
@@ -523,6 +656,7 @@ class SharedMemoryTimerClient(GuardCache, TimerClient):
         finally:
             for fd in fds:
                 os.close(fd)
+        self._keep_stats = reply.get("stats") is True
         if capacity < self._next - _HEADER:
             view.release()
             raise ServerUnavailableError(
@@ -549,6 +683,8 @@ class SharedMemoryTimerClient(GuardCache, TimerClient):
         self._lock = threading.RLock()
         sock, self._sock = self._sock, None
         self._pid = -1
+        self._tallies = {}  # the parent's blocks are the parent's to report
+        self._pending = {}
         self._repoint(_detached_view(self._capacity))
         if sock is not None:
             os.close(sock.detach())  # the child's copy of the parent's connection; the parent's stays open
@@ -573,6 +709,16 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _report_at_exit() -> None:
+    """A worker that exits normally reports its last blocks (a killed one loses at most a second of them)."""
+    for client in list(_CLIENTS):
+        try:
+            client.report_blocks()
+        except Exception:  # a client in any state must not turn a clean exit into a traceback
+            logger.debug("hangwatch: could not report the last blocks to %s", client.socket_path, exc_info=True)
 
 
 # --------------------------------------------------------------------- the server
@@ -872,8 +1018,9 @@ class _SlotQueue(RequestQueue):
             view = memoryview(region.mm).cast("d")
             view[_CAPACITY] = float(capacity)
             view[_HEARTBEAT] = _monotonic() - region.offset
+            reply = {"ok": True, "slots": capacity, "stats": self._server.statistics is not None}
             region.sock.sendmsg(
-                [json.dumps({"ok": True, "slots": capacity}).encode()],
+                [json.dumps(reply).encode()],
                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", memfd))],
             )
         finally:
@@ -920,10 +1067,43 @@ class _SlotQueue(RequestQueue):
         for slot, wire in message.get("policy", ()):
             self._check_slot(region, slot)
             assert region.info is not None
-            if wire is None:  # back to the client's own policy
-                region.infos.pop(slot, None)
-            else:
-                region.infos[slot] = region.info._replace(policy=ReapPolicy.from_wire(wire))
+            # None: back to the client's own policy
+            self._slot_info(region, slot, policy=region.info.policy if wire is None else ReapPolicy.from_wire(wire))
+        for slot, learn in message.get("learn", ()):
+            self._check_slot(region, slot)
+            if learn is not None and not isinstance(learn, bool):
+                raise ValueError(f"learn must be true, false or null (got {learn!r:.40})")
+            self._slot_info(region, slot, learn=learn)
+        reports = message.get("stats")
+        if reports is not None:
+            self._reports(region, reports)
+
+    @staticmethod
+    def _slot_info(region: _Region, slot: int, **changes: Any) -> None:
+        """The identity of the slot's requests: the worker's, with the slot's own policy or learning choice."""
+        assert region.info is not None
+        info = region.infos.get(slot, region.info)._replace(**changes)
+        if info == region.info:
+            region.infos.pop(slot, None)
+        else:
+            region.infos[slot] = info
+
+    def _reports(self, region: _Region, reports: Any) -> None:
+        """The worker's report of its blocks since the last (it measures them: a scan cannot see short ones)."""
+        if self._server.statistics is None:
+            raise ValueError("this server keeps no statistics; a worker must not report blocks to it")
+        if not isinstance(reports, list):
+            raise ValueError("stats must be a list of [slot, figures]")
+        assert region.info is not None
+        for entry in reports:
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise ValueError(f"a stats entry must be [slot, figures] (got {entry!r:.60})")
+            slot, wire = entry
+            self._check_slot(region, slot)
+            name = region.names.get(slot)
+            if name is None:
+                raise ValueError(f"slot {slot} was reported before it was named")
+            self._server._reported(region.pid, name, ScopeStats.from_wire(wire), region.infos.get(slot, region.info))
 
     @staticmethod
     def _check_slot(region: _Region, slot: Any) -> None:
@@ -971,7 +1151,13 @@ class _SlotQueue(RequestQueue):
         mm = region.mm
         if mm is None or region.view is None:
             return
-        region.next_scan = now + region.every
+        every = region.every
+        table = self._server.statistics
+        if table is not None and table.shortest_learned < every * 4:
+            # A learned deadline counts from when a scan first saw its block: read often enough that
+            # it is enforced at most a quarter of itself late.
+            every = max(self._scan_floor, table.shortest_learned / 4)
+        region.next_scan = now + every
         end = (_HEADER + region.used) * _SLOT_BYTES
         current = mm[_HEADER * _SLOT_BYTES : end]
         if current != region.snap:
@@ -1063,6 +1249,15 @@ class SharedMemoryTimerServer(PidTimerServer):
             connections per process, connections waiting to say hello, the hello timeout,
             processes registered at once, the refusal events' rate.
         pin: how a worker is pinned and signalled (tests pass a recorder).
+        statistics: keep per-scope figures of the released blocks (:meth:`scope_statistics`):
+            True, or a :class:`~hangwatch.ScopeStatistics` shared with other servers. The
+            workers then measure their own blocks (a scan cannot see the short ones) and
+            report them about once a second and when they exit.
+        near_miss: with ``statistics``, the fraction of its budget above which a released
+            block gives a ``near miss`` event (default 0.8); None for none.
+        learn: learn each scope's deadline from its blocks (:class:`~hangwatch.Learning`). A
+            block's learned deadline counts from when a scan first saw it, so it may be
+            enforced up to one scan (at most 0.25 s) late, never early.
 
     Raises:
         FileExistsError: a live server or another kind of file is at ``socket_path``.
@@ -1086,6 +1281,9 @@ class SharedMemoryTimerServer(PidTimerServer):
         on_event: Optional[EventSink] = None,
         limits: Optional[Limits] = None,
         pin: Callable[[int], ProcessPin] = ProcessPin,
+        statistics: Union[bool, ScopeStatistics] = False,
+        near_miss: Optional[float] = 0.8,
+        learn: Optional[Learning] = None,
     ) -> None:
         _require_linux("SharedMemoryTimerServer")
         self._scan_interval = _check_interval("scan_interval", scan_interval)
@@ -1107,11 +1305,36 @@ class SharedMemoryTimerServer(PidTimerServer):
                 on_event=on_event,
                 limits=limits,
                 pin=pin,
+                statistics=statistics,
+                near_miss=near_miss,
+                learn=learn,
             )
         except BaseException:
             self._remove_socket()
             raise
         self._closed = False
+
+    # The workers measure their blocks and report them (see _reported): a release seen by a scan
+    # says nothing of when the block really ended.
+    _measures_blocks = False
+
+    def _reported(self, pid: int, scope: str, blocks: ScopeStats, info: WorkerInfo) -> None:
+        """A worker's report of its blocks of ``scope``: into the figures; a near miss says so."""
+        table = self._stats
+        assert table is not None
+        if not table.merge(scope, blocks):
+            self._table_full(pid, scope)
+            return
+        used, duration, budget = blocks.closest, blocks.closest_duration_s, blocks.closest_timeout_s
+        extra: Optional[Dict[str, Any]] = None
+        learning = self._learning
+        if learning is not None and (learning.default if info.learn is None else info.learn):
+            learned = table.learned(scope)
+            # The worker measured against its after; its blocks had the learned deadline where shorter.
+            if learned is not None and learned.seconds < blocks.timeout_s and blocks.max_s / learned.seconds > used:
+                used, duration, budget = blocks.max_s / learned.seconds, blocks.max_s, learned.seconds
+                extra = {"learned": {**learned.to_dict(), "after_s": round(blocks.timeout_s, 3)}}
+        self._near(pid, scope, used, duration, budget, extra)
 
     @property
     def socket_path(self) -> str:
