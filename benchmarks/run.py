@@ -133,6 +133,21 @@ def _client_loop(
         time.sleep(0.2)  # let torch's feeder thread flush before the process ends
 
 
+def _heartbeat_loop(pair: str, endpoint: Any, beats: int, conn: Any) -> None:
+    """``beats`` calls of ``hangwatch.heartbeat(...)``, then as many ``hb.beat()``: (seconds each, beats)."""
+    hangwatch.configure(_make_client("hangwatch", pair, endpoint))
+    heartbeat = hangwatch.heartbeat
+    hb = heartbeat("warm-up", 60)
+    t0 = time.perf_counter()
+    for _ in range(beats):
+        heartbeat("bench", 60)
+    calls = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(beats):
+        hb.beat()
+    conn.send((calls, time.perf_counter() - t0, beats))
+
+
 def _stuck(lib: str, pair: str, endpoint: Any, after: float, deadline: Any, start: Any, ready: Any = None) -> None:
     mod = _configure(lib, pair, endpoint)
     with mod.expires(after=60, scope="warm-up"):
@@ -193,9 +208,12 @@ class Servers:
         pair: str,
         log_event: Optional[Callable[[str, Any], None]] = None,
         torch_interval: Optional[float] = None,
+        statistics: bool = False,
     ) -> None:
         self.lib, self.pair = lib, pair
         extra: Dict[str, Any] = {"log_event": log_event} if log_event is not None else {}
+        if statistics:
+            extra["statistics"] = True
         if lib == "torch" and torch_interval is not None:
             extra["max_interval"] = torch_interval
         self.process: Optional[Any] = None
@@ -268,8 +286,8 @@ def pct(values: List[float], q: float) -> Optional[float]:
 # ------------------------------------------------------------------ 1, 2: cost per block
 
 
-def per_block(lib: str, pair: str, blocks: int, default_scope: bool) -> Dict[str, Any]:
-    servers = Servers(lib, pair)
+def per_block(lib: str, pair: str, blocks: int, default_scope: bool, statistics: bool = False) -> Dict[str, Any]:
+    servers = Servers(lib, pair, statistics=statistics)
     try:
         parent, child = ctx.Pipe()
         p = ctx.Process(target=_client_loop, args=(lib, pair, servers.endpoint, blocks, default_scope, None, child))
@@ -279,6 +297,20 @@ def per_block(lib: str, pair: str, blocks: int, default_scope: bool) -> Dict[str
     finally:
         servers.stop()
     return {"us_per_block": elapsed / max(done, 1) * 1e6, "blocks": done, "error": error}
+
+
+def heartbeat_cost(pair: str, beats: int) -> Dict[str, float]:
+    """us per ``heartbeat(scope, timeout)`` call and per ``hb.beat()``, in a worker."""
+    servers = Servers("hangwatch", pair)
+    try:
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_heartbeat_loop, args=(pair, servers.endpoint, beats, child))
+        p.start()
+        calls, beat, n = parent.recv()
+        p.join()
+    finally:
+        servers.stop()
+    return {"us_per_call": calls / n * 1e6, "us_per_beat": beat / n * 1e6}
 
 
 def floor_us(blocks: int) -> float:
@@ -666,6 +698,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name, value in ratios.items():
             print(f"   -> hangwatch {name}: {compared(value, 'cheaper', 'dearer')}")
     results["ratios"] = ratios
+
+    # 1b. the same with per-scope statistics (hangwatch run's default), and heartbeats
+    print("\n1b. us per named-scope block with per-scope statistics on (hangwatch run's default), and heartbeats")
+    print(f"   {'pair':<18}{'off':>10}{'on':>10}{'on/off':>10}{'heartbeat()':>13}{'hb.beat()':>11}")
+    results["statistics_cost"] = {}
+    for pair in ("shm", "local", "file"):
+        off = per_block("hangwatch", pair, args.blocks, default_scope=False)["us_per_block"]
+        on = per_block("hangwatch", pair, args.blocks, default_scope=False, statistics=True)["us_per_block"]
+        beats = heartbeat_cost(pair, args.blocks if pair == "shm" else args.blocks // 4)
+        results["statistics_cost"][pair] = {"off_us": off, "on_us": on, **beats}
+        print(
+            f"   {label('hangwatch', pair):<18}{off:>10.2f}{on:>10.2f}{on / off:>10.2f}"
+            f"{beats['us_per_call']:>13.2f}{beats['us_per_beat']:>11.2f}"
+        )
 
     # 2. FIFO tight loop
     print(f"\n2. FIFO client, tight loop of {args.tight_loop:,} blocks")

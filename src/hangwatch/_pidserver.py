@@ -567,9 +567,11 @@ class PidTimerServer(TimerServer):
             if rank is not None:
                 scope = chosen.scope_id
                 reason = f"timer {scope!r} expired"
-                if job.held is not None:
-                    reason += f" at its learned deadline of {job.held.learned.describe()}"
-                group.collect(pid=worker_id, rank=rank, scope=scope, reason=reason)
+                if job.held is None:
+                    group.collect(pid=worker_id, rank=rank, scope=scope, reason=reason)
+                else:
+                    learned = job.held.details()["learned"]
+                    group.collect(pid=worker_id, rank=rank, scope=scope, reason=reason, learned=learned)
                 self._await_evidence(job, group)
                 return True
         self._start_evidence(job)

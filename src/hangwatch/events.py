@@ -41,6 +41,7 @@ EVENT_NAMES: Dict[str, str] = {
     "hang report": "the agent's report of a failed attempt: every rank's stack, the grouping, the likely culprit",
     "limit reached": "a client reached a limit of the server (connections, timers, scopes); what it asked is refused",
     "near miss": "a released block used more than near_miss of its budget (statistics on; one per scope a minute)",
+    "deadline learned": "the agent: a scope got its first learned deadline (its value and the figures it came from)",
 }
 
 TORCH_EVENT_NAMES = frozenset({"watchdog started", "timer expired", "kill worker process", "watchdog stopped"})

@@ -25,11 +25,11 @@ import math
 import os
 import tempfile
 import threading
-from typing import Any, Dict, NamedTuple, Optional, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Union
 
 from ._stats import ScopeStats
 
-__all__ = ["LearnedDeadline", "Learning", "ScopeStatistics"]
+__all__ = ["LearnedDeadline", "Learning", "ScopeStatistics", "seconds_text"]
 
 _FORMAT = "hangwatch scope statistics"
 _VERSION = 1
@@ -119,13 +119,13 @@ class LearnedDeadline(NamedTuple):
         """``max 0.13 s`` or ``p99 0.12 s``: the quantile the deadline came from."""
         q = self.learning.quantile
         name = "max" if q >= 1 else f"p{q * 100:g}"
-        return f"{name} {_fmt(self.basis_s)}"
+        return f"{name} {seconds_text(self.basis_s)}"
 
     def describe(self) -> str:
         """E.g. ``10 s (the floor; 3 x max 0.13 s from 1,234 blocks)``."""
         how = f"{self.learning.factor:g} x {self.basis_text()} from {self.blocks:,} blocks"
         lead = "the floor; " if self.at_floor else ""
-        return f"{_fmt(self.seconds)} ({lead}{how})"
+        return f"{seconds_text(self.seconds)} ({lead}{how})"
 
     def to_dict(self) -> Dict[str, Any]:
         """As JSON values (for events)."""
@@ -140,13 +140,17 @@ class LearnedDeadline(NamedTuple):
         }
 
 
-def _fmt(seconds: float) -> str:
-    """A duration for people: ``12 ms``, ``0.35 s``, ``10 s``, ``600 s``."""
-    if seconds < 0.01:
-        return f"{seconds * 1000:.2g} ms"
-    if seconds < 10:
-        return f"{seconds:.3g} s"
-    return f"{seconds:.0f} s"
+def seconds_text(value: Any) -> str:
+    """A duration for people: ``2.9 us``, ``4.2 ms``, ``0.35 s``, ``10 s``, ``600 s``; ``-`` when unknown."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    if value < 0.001:
+        return f"{value * 1e6:.2g} us"
+    if value < 0.01:
+        return f"{value * 1000:.2g} ms"
+    if value < 10:
+        return f"{value:.3g} s"
+    return f"{value:,.0f} s"
 
 
 class ScopeStatistics:
@@ -159,19 +163,31 @@ class ScopeStatistics:
         learning: learn a deadline per scope (see :class:`Learning`); None: figures only.
         max_scopes: the most scopes tracked; blocks of further scopes are not counted (a
             client inventing a new name per block cannot grow the table without bound).
+        on_learned: called with ``(scope, deadline, after)`` when a scope gets its first
+            learned deadline (``after``: the timeout its last block asked for), from the
+            thread that added the block, outside the table's lock.
 
     Raises:
         TypeError: ``learning`` is not a :class:`Learning`.
         ValueError: ``max_scopes`` is not an int >= 1.
     """
 
-    def __init__(self, learning: Optional[Learning] = None, *, max_scopes: int = 4096) -> None:
+    def __init__(
+        self,
+        learning: Optional[Learning] = None,
+        *,
+        max_scopes: int = 4096,
+        on_learned: Optional[Callable[[str, LearnedDeadline, float], None]] = None,
+    ) -> None:
         if learning is not None and not isinstance(learning, Learning):
             raise TypeError(f"learning must be a hangwatch.Learning (got {learning!r})")
         if isinstance(max_scopes, bool) or not isinstance(max_scopes, int) or max_scopes < 1:
             raise ValueError(f"max_scopes must be an int >= 1 (got {max_scopes!r})")
+        if on_learned is not None and not callable(on_learned):
+            raise TypeError(f"on_learned must be callable (got {on_learned!r})")
         self._learning = learning
         self._max_scopes = max_scopes
+        self._on_learned = on_learned
         self._lock = threading.Lock()
         self._scopes: Dict[str, ScopeStats] = {}
         self._learned: Dict[str, LearnedDeadline] = {}
@@ -206,8 +222,10 @@ class ScopeStatistics:
             if stats is None:
                 return None
             used = stats.add(duration, budget, after)
-            self._relearn(scope, stats, duration)
-            return used
+            first = self._relearn(scope, stats, duration)
+        if first is not None:
+            self._tell(scope, first, stats.timeout_s)
+        return used
 
     def merge(self, scope: str, blocks: ScopeStats) -> bool:
         """Add ``blocks`` (another table's figures, a client's report) to ``scope``; False if not counted."""
@@ -216,8 +234,14 @@ class ScopeStatistics:
             if stats is None:
                 return False
             stats.merge(blocks)
-            self._relearn(scope, stats, blocks.max_s)
-            return True
+            first = self._relearn(scope, stats, blocks.max_s)
+        if first is not None:
+            self._tell(scope, first, stats.timeout_s)
+        return True
+
+    def _tell(self, scope: str, learned: LearnedDeadline, after: float) -> None:
+        if self._on_learned is not None:
+            self._on_learned(scope, learned, after)
 
     def expired(self, scope: str) -> None:
         """Count one expired timer of ``scope``."""
@@ -230,7 +254,11 @@ class ScopeStatistics:
         return scope in self._scopes
 
     def __len__(self) -> int:
+        """How many scopes are tracked."""
         return len(self._scopes)
+
+    def __bool__(self) -> bool:
+        return True  # a table is a table, even empty (``statistics or ...`` must not drop an empty one)
 
     def figures(self) -> Dict[str, Dict[str, Any]]:
         """Each scope's figures (see :meth:`ScopeStats.to_dict`), with ``learned_s`` and ``learned`` when learning."""
@@ -310,14 +338,17 @@ class ScopeStatistics:
             stats = self._scopes[scope] = ScopeStats()
         return stats
 
-    def _relearn(self, scope: str, stats: ScopeStats, slowest: float) -> None:
-        """Compute the scope's deadline again when its figures grew enough, or a block was slower than its basis."""
+    def _relearn(self, scope: str, stats: ScopeStats, slowest: float) -> Optional[LearnedDeadline]:
+        """Compute the scope's deadline again when its figures grew enough, or a block was slower than its basis.
+
+        Returns the deadline when it is the scope's first.
+        """
         learning = self._learning
         if learning is None or stats.count < learning.warmup:
-            return
+            return None
         current = self._learned.get(scope)
         if current is not None and stats.count < self._recompute_at.get(scope, 0) and slowest <= current.basis_s:
-            return
+            return None
         found = learning.deadline(stats)
         if found is not None:
             self._learned[scope] = found
@@ -326,3 +357,4 @@ class ScopeStatistics:
                 self.shortest_learned = found.seconds
             elif current is not None and current.seconds <= self.shortest_learned:  # the shortest grew
                 self.shortest_learned = min(d.seconds for d in self._learned.values())
+        return found if current is None else None

@@ -657,6 +657,8 @@ class SharedMemoryTimerClient(GuardCache, TimerClient):
             for fd in fds:
                 os.close(fd)
         self._keep_stats = reply.get("stats") is True
+        if self._keep_stats:
+            _start_reporter(self)
         if capacity < self._next - _HEADER:
             view.release()
             raise ServerUnavailableError(
@@ -709,6 +711,40 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_reporters: Dict[int, int] = {}  # id(client) -> the pid whose reporter thread serves it
+
+
+def _start_reporter(client: SharedMemoryTimerClient) -> None:
+    """Once per client and process: a thread that reports blocks left pending when no block exits for a while.
+
+    Blocks report themselves from their exits, at most once a second; a job that stops
+    entering blocks (a hang, a long phase without any) would otherwise hold back its last
+    second of them. The thread holds only a weak reference: it ends with the client.
+    """
+    pid, key = os.getpid(), id(client)
+    if _reporters.get(key) == pid:
+        return
+    _reporters[key] = pid
+    ref = weakref.ref(client)
+
+    def loop() -> None:
+        while True:
+            time.sleep(_REPORT_EVERY)
+            found = ref()
+            if found is None or found._pid != pid:
+                if _reporters.get(key) == pid:
+                    del _reporters[key]
+                return
+            if _monotonic() >= found._due[0]:
+                try:
+                    found._fold(_monotonic())
+                except Exception:  # reporting must never take the worker down
+                    logger.debug("hangwatch: reporting blocks to %s failed", found.socket_path, exc_info=True)
+            del found
+
+    threading.Thread(target=loop, name="hangwatch-report", daemon=True).start()
 
 
 @atexit.register

@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from multiprocessing import resource_tracker
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from .._cgroup import ENV_CGROUP, RunCgroup
 from .._evidence import GroupEvidence
@@ -45,8 +45,19 @@ from .._native import sampler_for
 from .._pidserver import PidTimerServer
 from .._reaper import ReapPolicy, check_policy
 from ..events import Event, EventEmitter, EventSink, JsonLinesSink
+from ..learn import LearnedDeadline, Learning, ScopeStatistics
+from .figures import RunFigures
 from .report import build_report
-from .results import FAILED, INTERRUPTED, SUCCEEDED, Attempt, Reaped, RunResult, WorkerFailure, exit_text
+from .results import (
+    FAILED,
+    INTERRUPTED,
+    SUCCEEDED,
+    Attempt,
+    Reaped,
+    RunResult,
+    WorkerFailure,
+    exit_text,
+)
 from .servers import TIMER_MODES, server_variables, start_timer_servers
 from .spec import WorkerSpec
 from .workers import (
@@ -106,6 +117,16 @@ class LocalElasticAgent:
             sampler (pystack, ``pip install 'hangwatch[native]'``) is installed; ``"off"``: never.
         native_timeout: the longest the native sampler may run when a group's stacks are
             taken, in seconds (the first reap of the group waits for it).
+        statistics: keep per-scope figures of every block the timer servers see (True, the
+            default, or a :class:`~hangwatch.ScopeStatistics` of yours): one table for both
+            servers and every attempt, in :attr:`RunResult.statistics`.
+        learn: learn each scope's deadline from its blocks (:class:`~hangwatch.Learning`);
+            what is learned is kept between attempts. A ``deadline learned`` event tells
+            when a scope gets its first.
+        statistics_file: write the run's figures there as JSON after every attempt.
+        timeouts_file: figures carried across runs: read at the start when the file exists
+            (a run that learns then has its deadlines from its first block), written back
+            after every attempt.
         cgroup: hold the workers and everything they start in a cgroup v2 of the run where
             one can be made (Linux, with write access to this process's cgroup): the group
             stop and the keeper then reach even a child with a clean environment in a session
@@ -133,6 +154,10 @@ class LocalElasticAgent:
         native_stacks: str = "auto",
         native_timeout: float = 3.0,
         cgroup: bool = True,
+        statistics: Union[bool, ScopeStatistics] = True,
+        learn: Optional[Learning] = None,
+        statistics_file: Optional[str] = None,
+        timeouts_file: Optional[str] = None,
     ) -> None:
         if not isinstance(spec, WorkerSpec):
             raise TypeError(f"spec must be a hangwatch.agent.WorkerSpec (got {spec!r})")
@@ -172,6 +197,7 @@ class LocalElasticAgent:
         self._token = uuid.uuid4().hex
         self._use_cgroup = bool(cgroup)
         self._cgroup: Optional[RunCgroup] = None
+        self._figures = RunFigures(statistics, learn, statistics_file, timeouts_file, on_learned=self._learned)
 
     # ------------------------------------------------------------------ public
 
@@ -193,6 +219,7 @@ class LocalElasticAgent:
             sinks.append(self._on_event)
         self._events = EventEmitter(None, sinks)
         try:
+            self._figures.load()
             if self._subreaper:
                 set_child_subreaper()
             self._keeper = start_keeper(self._token)
@@ -247,12 +274,13 @@ class LocalElasticAgent:
         for number in range(spec.max_restarts + 1):
             attempt, values = self._run_once(number, port)
             attempts.append(attempt)
+            self._figures.save()
             if self._on_attempt is not None:
                 self._on_attempt(attempt)
             if attempt.outcome == SUCCEEDED:
-                return RunResult(SUCCEEDED, values, {}, attempts)
+                return RunResult(SUCCEEDED, values, {}, attempts, self._figures.figures())
             if attempt.outcome == INTERRUPTED:
-                return RunResult(INTERRUPTED, {}, attempt.failures, attempts)
+                return RunResult(INTERRUPTED, {}, attempt.failures, attempts, self._figures.figures())
             if number < spec.max_restarts:
                 logger.warning(
                     "worker group failed (%s); restarting it (%d of %d restarts)",
@@ -260,7 +288,7 @@ class LocalElasticAgent:
                     number + 1,
                     spec.max_restarts,
                 )
-        return RunResult(FAILED, {}, attempts[-1].failures, attempts)
+        return RunResult(FAILED, {}, attempts[-1].failures, attempts, self._figures.figures())
 
     def _start_servers(self, timer_dir: str) -> None:
         """The timer servers of this run: the FIFO (torch's clients, torchrun's variables) and shared memory."""
@@ -269,8 +297,19 @@ class LocalElasticAgent:
             "allowed_pids": [],
             "event_file": self._event_file,
             "on_event": self._record_event,
+            "statistics": False if self._figures.table is None else self._figures.table,
         }
         self._servers = start_timer_servers(self._timer, timer_dir, self._run_id, **common)
+
+    @property
+    def statistics(self) -> Optional[ScopeStatistics]:
+        """The run's statistics table (every server's, every attempt's), or None when statistics are off."""
+        return self._figures.table
+
+    def _learned(self, scope: str, learned: LearnedDeadline, after: float) -> None:
+        """A scope got its first learned deadline (from a server's thread): a ``deadline learned`` event."""
+        if self._events is not None:
+            self._events.emit("deadline learned", scope=scope, after_s=round(after, 3), **learned.to_dict())
 
     def _allow(self, pids: List[int]) -> None:
         for server in self._servers:
@@ -382,6 +421,7 @@ class LocalElasticAgent:
                     late_s=event.details.get("late_s"),
                     signal=event.details.get("signal"),
                     stack=event.details.get("stack"),
+                    learned=event.details.get("learned"),
                 )
             )
         failures: Dict[int, WorkerFailure] = {}
@@ -403,6 +443,7 @@ class LocalElasticAgent:
                     scope=reap.scope,
                     stack=reap.details.get("stack"),
                     late_s=reap.details.get("late_s"),
+                    learned=reap.details.get("learned"),
                 )
                 failures[rank] = failure
                 fates[pid] = failure.fate()

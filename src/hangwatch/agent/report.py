@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from .._evidence import GroupSnapshot, ProcessEvidence
 from .._stacks import Frame, ThreadStack, main_thread
 from ..triage import DATA, Place, Verdict, classify, place_of, ranks_text
+from .results import learned_text
 
 __all__ = ["LAUNCH_FRAMES", "HangReport", "ProcessReport", "RemoteNode", "build_report"]
 
@@ -126,6 +127,7 @@ class HangReport:
         every = "both" if len(running) == 2 else f"all {len(running)}"
         which = f"{every} ranks" if len(running) == len(local) else f"the {len(running)} running ranks"
         which = "the only running rank" if len(running) == 1 and len(local) > 1 else which
+        which = "its only rank" if len(running) == len(local) == 1 else which
         if self.nodes:
             which = f"{which} of this node ({ranks_text(sorted(local))})"
         out = [
@@ -232,7 +234,7 @@ def _trigger_text(snapshot: GroupSnapshot) -> str:
         who = f"rank {rank} (pid {pid})"
     else:
         who = f"rank {rank}'s child pid {pid}"
-    return f"timer {scope!r} of {who} expired"
+    return f"timer {scope!r} of {who} expired{learned_text(trigger.get('learned'))}"
 
 
 def _process(evidence: ProcessEvidence, fate: str, node: Optional[int] = None) -> ProcessReport:

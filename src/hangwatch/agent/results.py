@@ -6,11 +6,22 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from .._reaper import signal_name
+from ..learn import seconds_text
 
 if TYPE_CHECKING:
     from .report import HangReport
 
-__all__ = ["FAILED", "INTERRUPTED", "SUCCEEDED", "Attempt", "Reaped", "RunResult", "WorkerFailure", "exit_text"]
+__all__ = [
+    "FAILED",
+    "INTERRUPTED",
+    "SUCCEEDED",
+    "Attempt",
+    "Reaped",
+    "RunResult",
+    "WorkerFailure",
+    "exit_text",
+    "learned_text",
+]
 
 SUCCEEDED, FAILED, INTERRUPTED = "SUCCEEDED", "FAILED", "INTERRUPTED"
 
@@ -20,6 +31,15 @@ def exit_text(code: Optional[int]) -> str:
     if code is None:
         return "ended (its exit status could not be read)"
     return f"killed by {signal_name(-code)}" if code < 0 else f"exited with status {code}"
+
+
+def learned_text(learned: Optional[Dict[str, Any]]) -> str:
+    """`` at its learned deadline of 0.5 s (after=30 s)`` for a reap's ``learned`` details; empty without."""
+    if not learned:
+        return ""
+    after = learned.get("after_s")
+    text = f" at its learned deadline of {seconds_text(learned.get('deadline_s'))}"
+    return text if after is None else f"{text} (its after: {seconds_text(after)})"
 
 
 @dataclasses.dataclass
@@ -34,6 +54,8 @@ class Reaped:
         late_s: how late after the deadline the first signal was sent.
         signal: the first signal sent (``"SIGKILL"``).
         stack: its all-thread stack dump, if it registered a dump handler.
+        learned: when the timer expired at a learned deadline: that deadline and the
+            figures it came from (the event's ``learned`` details).
     """
 
     pid: int
@@ -43,12 +65,13 @@ class Reaped:
     late_s: Optional[float] = None
     signal: Optional[str] = None
     stack: Optional[str] = None
+    learned: Optional[Dict[str, Any]] = None
 
     def describe(self) -> str:
         """E.g. ``rank 0's child pid 4242 was reaped: timer 'load' expired, signalled 4 ms after its deadline``."""
         who = f"rank {self.rank}'s child pid {self.pid}" if self.child else f"rank {self.rank} (pid {self.pid})"
         late = "" if self.late_s is None else f", signalled {self.late_s * 1000:.0f} ms after its deadline"
-        return f"{who} was reaped: timer {self.scope!r} expired{late}"
+        return f"{who} was reaped: timer {self.scope!r} expired{learned_text(self.learned)}{late}"
 
 
 @dataclasses.dataclass
@@ -65,6 +88,7 @@ class WorkerFailure:
         stack: where it was stuck (the all-thread stack dump), for a reaped worker that registered one.
         late_s: how late after the deadline the first signal was sent, for a reaped worker.
         child_reaped: a descendant of this worker that a timer server reaped (the likely reason it failed).
+        learned: for a worker reaped at a learned deadline: that deadline and its figures.
     """
 
     rank: int
@@ -75,6 +99,7 @@ class WorkerFailure:
     stack: Optional[str] = None
     late_s: Optional[float] = None
     child_reaped: Optional[Reaped] = None
+    learned: Optional[Dict[str, Any]] = None
 
     @property
     def signal(self) -> Optional[str]:
@@ -89,7 +114,7 @@ class WorkerFailure:
     def fate(self) -> str:
         """What became of it, without who: ``reaped: timer 'step' expired; killed by SIGKILL``."""
         if self.reaped:
-            return f"reaped: timer {self.scope!r} expired; {self.how()}"
+            return f"reaped: timer {self.scope!r} expired{learned_text(self.learned)}; {self.how()}"
         child = self.child_reaped
         if child is not None:
             return f"{self.how()} after its child pid {child.pid} was reaped (timer {child.scope!r})"
@@ -99,7 +124,8 @@ class WorkerFailure:
         """One line: who, how it ended, and for a reaped worker which timer."""
         if self.reaped:
             late = "" if self.late_s is None else f", signalled {self.late_s * 1000:.0f} ms after its deadline"
-            return f"rank {self.rank} (pid {self.pid}) was reaped: timer {self.scope!r} expired{late}; {self.how()}"
+            expired = f"timer {self.scope!r} expired{learned_text(self.learned)}"
+            return f"rank {self.rank} (pid {self.pid}) was reaped: {expired}{late}; {self.how()}"
         return f"rank {self.rank} (pid {self.pid}) {self.fate()}"
 
     def stuck_at(self) -> Optional[str]:
@@ -153,12 +179,15 @@ class RunResult:
         return_values: each rank's return value, for function workers that succeeded.
         failures: the failed workers of the last attempt, by rank.
         attempts: every start of the group, in order.
+        statistics: each scope's figures over the whole run (every rank and attempt), as
+            :meth:`hangwatch.ScopeStatistics.figures` gives them; empty when statistics are off.
     """
 
     state: str
     return_values: Dict[int, Any]
     failures: Dict[int, WorkerFailure]
     attempts: List[Attempt]
+    statistics: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def is_failed(self) -> bool:
         """Whether the run did not succeed."""

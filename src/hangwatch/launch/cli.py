@@ -14,9 +14,10 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
+from ..agent.figures import check_figure_files, statistics_path_for
 from ..events import JsonLinesSink
 from .demo import run_demo
-from .options import EXIT_USAGE, check_target, engine_options, parser
+from .options import EXIT_USAGE, check_target, engine_options, learning_for, parser
 from .single import run_single, set_omp_threads, spec_for
 
 __all__ = ["main"]
@@ -41,6 +42,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.events is not None:
             JsonLinesSink(args.events).close()  # an unwritable events file fails now, not silently later
+        args.learning = learning_for(args)
+        if args.statistics_file is None and args.events is not None and args.keep_statistics:
+            args.statistics_file = statistics_path_for(args.events)
+        if not args.keep_statistics and (args.statistics_file or args.timeouts_file):
+            raise ValueError("--statistics and --timeouts-file write the statistics: leave out --no-statistics")
+        check_figure_files(args.statistics_file, args.timeouts_file)
         if engine_options(args):
             from .elastic import run_elastic
 

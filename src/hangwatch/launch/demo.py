@@ -35,6 +35,10 @@ def run_demo(out: TextIO) -> int:
         timer="auto",
         native_stacks="auto",
         native_timeout=3.0,
+        keep_statistics=True,
+        learning=None,
+        statistics_file=None,
+        timeouts_file=None,
     )
     with tempfile.TemporaryDirectory(prefix="hangwatch-demo-") as folder:
         script = os.path.join(folder, "train.py")

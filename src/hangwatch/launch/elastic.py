@@ -38,9 +38,11 @@ from .._keeper import TOKEN_VARIABLE, Keeper
 from .._native import sampler_for
 from .._pidserver import PidTimerServer
 from .._reaper import ReapPolicy
+from ..agent.figures import RunFigures
 from ..agent.servers import server_variables, start_timer_servers
 from ..agent.workers import end_run_cgroup, start_keeper, start_run_cgroup
 from ..events import Event, EventEmitter, EventSink, JsonLinesSink
+from ..learn import LearnedDeadline
 from ..triage import ranks_text
 from .exchange import StoreExchange, store_address
 from .node import NodeWatch
@@ -92,6 +94,7 @@ def run_elastic(args: argparse.Namespace, out: TextIO) -> int:
         )
         return EXIT_USAGE
     node = _Node(args, out)
+    node.reporter.learning(args.learning, args.timeouts_file)
     try:
         parsed = torchrun.parse_args(torchrun_argv(args, node.log_dir))
     except SystemExit:  # torchrun's parser said what was wrong
@@ -152,6 +155,10 @@ class _Node:
         self._watch: Optional[NodeWatch] = None
         self._events: Optional[EventEmitter] = None
         self._saved: Dict[str, Optional[str]] = {}
+        # This node's figures (its ranks, every worker group), and its learned deadlines.
+        self._figures = RunFigures(
+            args.keep_statistics, args.learning, args.statistics_file, args.timeouts_file, on_learned=self._learned
+        )
 
     def discard(self) -> None:
         """Undo what was made before the run (its folder)."""
@@ -172,6 +179,7 @@ class _Node:
         sinks.append(self._event)
         self._events = EventEmitter(None, sinks)
         try:
+            self._figures.load()
             self._keeper = start_keeper(self._token)  # before the token is in this environment: it must not carry it
             if self._keeper is not None:
                 self._keeper.own(self._dir)
@@ -188,6 +196,7 @@ class _Node:
                 native_timeout=args.native_timeout,
                 native_note=native_note,
                 events=self._events,
+                after_group=self._save_figures,
             )
             self._watch.start()
             engine()
@@ -201,6 +210,7 @@ class _Node:
             "children_only": True,
             "event_file": args.events,
             "on_event": self._event,
+            "statistics": False if self._figures.table is None else self._figures.table,
         }
         self._servers = start_timer_servers(args.timer, self._dir, args.rdzv_id or args.run_id or "", **common)
 
@@ -223,6 +233,15 @@ class _Node:
         if self._watch is not None:
             self._watch.record(event)
         self.reporter.event(event)
+
+    def _save_figures(self) -> None:
+        problem = self._figures.save()
+        if problem:
+            self.reporter.say(problem)
+
+    def _learned(self, scope: str, learned: LearnedDeadline, after: float) -> None:
+        if self._events is not None:
+            self._events.emit("deadline learned", scope=scope, after_s=round(after, 3), **learned.to_dict())
 
     def _undo(self) -> None:
         if self._watch is not None:
@@ -269,3 +288,5 @@ class _Node:
                     f"  attempt {attempt['attempt'] + 1}: likely caused by {ranks_text(attempt['culprits'])}{place} "
                     f"(confidence: {attempt['confidence']})"
                 )
+        self._save_figures()
+        self.reporter.statistics(self._figures.figures(), where=f"node {node}'s ranks, every worker group")

@@ -27,14 +27,14 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from .._evidence import GroupEvidence, GroupSnapshot
 from .._native import NativeSampler
 from .._pidserver import PidTimerServer
 from .._reaper import ProcessPin, signal_name
 from ..agent.report import RemoteNode, build_report
-from ..agent.results import exit_text
+from ..agent.results import exit_text, learned_text
 from ..agent.workers import children_of
 from ..events import Event, EventEmitter
 from ..triage import ranks_text
@@ -137,7 +137,7 @@ class NodeWatch:
         native_timeout: its longest run, in seconds.
         native_note: why there is no native sampler, for the report.
         events: where the ``hang report`` events go.
-        token: the run's token (a child carrying another is not one of our workers).
+        after_group: called after each worker group's report (the launcher saves its figures).
     """
 
     def __init__(
@@ -151,8 +151,10 @@ class NodeWatch:
         native_timeout: float,
         native_note: Optional[str],
         events: Optional[EventEmitter],
+        after_group: Optional[Callable[[], None]] = None,
     ) -> None:
         self._servers = servers
+        self._after_group = after_group
         self._reporter = reporter
         self._exchange = exchange
         self._dump_timeout = dump_timeout
@@ -340,6 +342,8 @@ class NodeWatch:
         finally:
             for pin in group.pins.values():
                 pin.close()
+        if self._after_group is not None:
+            self._after_group()
 
     def _fates(self, group: _Group) -> Dict[int, str]:
         fates: Dict[int, str] = {}
@@ -468,5 +472,5 @@ def _failed_by_itself(code: Optional[int]) -> bool:
 def _trigger_text(trigger: Dict[str, Any]) -> str:
     """``timer 'step' of rank 3 expired``, or the trigger's reason."""
     if trigger.get("scope") is not None:
-        return f"timer {trigger['scope']!r} of rank {trigger.get('rank')} expired"
+        return f"timer {trigger['scope']!r} of rank {trigger.get('rank')} expired{learned_text(trigger.get('learned'))}"
     return str(trigger.get("reason") or "a timer expired")

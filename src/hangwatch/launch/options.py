@@ -15,8 +15,9 @@ from typing import Callable, Dict, List, NoReturn, Optional, Tuple
 
 from .. import __version__
 from .._reaper import ReapPolicy
+from ..learn import Learning
 
-__all__ = ["ENGINE_OPTIONS", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "engine_options", "parser"]
+__all__ = ["ENGINE_OPTIONS", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "engine_options", "learning_for", "parser"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -210,6 +211,40 @@ def parser() -> argparse.ArgumentParser:
         default=3.0,
         help="the longest the native sampler may run when a hang is reported, s (default 3)",
     )
+    deadlines = run.add_argument_group("deadlines (per-scope statistics, near misses, learned timeouts)")
+    deadlines.add_argument(
+        "--no-statistics",
+        dest="keep_statistics",
+        action="store_false",
+        help="do not measure the blocks (statistics and near misses are on by default)",
+    )
+    deadlines.add_argument(
+        "--statistics",
+        dest="statistics_file",
+        default=None,
+        metavar="FILE",
+        help="write each scope's figures to FILE as JSON (default: beside --events, as NAME.statistics.json)",
+    )
+    deadlines.add_argument(
+        "--learn-timeouts",
+        dest="learn_timeouts",
+        action="store_true",
+        help="after a warm-up, give each scope's blocks min(after, max(floor, factor x the slowest block seen))",
+    )
+    deadlines.add_argument(
+        "--timeout-floor", type=_seconds(0, 1e9, open_low=True), default=None, help="seconds (default 60)"
+    )
+    deadlines.add_argument("--timeout-factor", type=float, default=None, help="safety factor >= 1 (default 3)")
+    deadlines.add_argument(
+        "--timeout-quantile", type=float, default=None, help="0.5 .. 1 of the durations (default 1: the slowest)"
+    )
+    deadlines.add_argument("--timeout-warmup", type=_count, default=None, help="blocks before learning (default 100)")
+    deadlines.add_argument(
+        "--timeouts-file",
+        default=None,
+        metavar="FILE",
+        help="carry the figures across runs: read at the start if FILE exists, written after every attempt",
+    )
     run.add_argument("-m", "--module", action="store_true", help="run the target as a module (python -m)")
     run.add_argument(*_flag("--no-python"), dest="no_python", action="store_true", help="run the target as a command")
     run.add_argument("target", nargs="?", help="the script (or module, or command) to run")
@@ -220,6 +255,39 @@ def parser() -> argparse.ArgumentParser:
         description="A group of 4 workers; one hangs; it is reaped with its stack shown; the group restarts.",
     )
     return top
+
+
+_LEARNING_FLAGS = {
+    "timeout_floor": ("--timeout-floor", "floor"),
+    "timeout_factor": ("--timeout-factor", "factor"),
+    "timeout_quantile": ("--timeout-quantile", "quantile"),
+    "timeout_warmup": ("--timeout-warmup", "warmup"),
+}
+
+
+def learning_for(args: argparse.Namespace) -> Optional[Learning]:
+    """The run's :class:`~hangwatch.Learning` from ``--learn-timeouts`` and its options (None without it).
+
+    Raises:
+        ValueError: an option is out of range, or given without ``--learn-timeouts``, or
+            ``--learn-timeouts`` with ``--no-statistics`` (the message names the flag).
+    """
+    given = {
+        field: getattr(args, attr) for attr, (_, field) in _LEARNING_FLAGS.items() if getattr(args, attr) is not None
+    }
+    if not args.learn_timeouts:
+        if given:
+            flags = ", ".join(flag for attr, (flag, _) in _LEARNING_FLAGS.items() if getattr(args, attr) is not None)
+            raise ValueError(f"{flags} set how timeouts are learned: add --learn-timeouts")
+        return None
+    if not args.keep_statistics:
+        raise ValueError("--learn-timeouts learns from the statistics: leave out --no-statistics")
+    try:
+        return Learning(**given)
+    except ValueError as exc:
+        field = str(exc).split(" ", 1)[0]
+        flag = next((f for f, name in _LEARNING_FLAGS.values() if name == field), "--learn-timeouts")
+        raise ValueError(f"{flag}: {exc}") from None
 
 
 def check_target(args: argparse.Namespace) -> Optional[str]:

@@ -7,14 +7,15 @@ Both engines print through it: hangwatch's single-node agent and torch's elastic
 from __future__ import annotations
 
 import threading
-from typing import Set, TextIO
+from typing import Any, Dict, List, Optional, Set, TextIO
 
 from ..agent import FAILED, SUCCEEDED, Attempt, RunResult
 from ..agent.report import LAUNCH_FRAMES, HangReport
 from ..events import Event
+from ..learn import Learning, seconds_text
 from ..triage import ranks_text
 
-__all__ = ["Reporter", "counts", "plural"]
+__all__ = ["Reporter", "counts", "plural", "statistics_lines"]
 
 
 class Reporter:
@@ -25,6 +26,7 @@ class Reporter:
         self.total = total
         self._lock = threading.Lock()
         self._refused: Set[int] = set()
+        self._near: Set[str] = set()  # scopes whose near miss was told
 
     def say(self, text: str) -> None:
         """One line, ``hangwatch: `` first."""
@@ -32,8 +34,34 @@ class Reporter:
             self.out.write(f"hangwatch: {text}\n")
             self.out.flush()
 
+    def learning(self, learning: Optional[Learning], timeouts_file: Optional[str]) -> None:
+        """At the start of a run that learns its timeouts: how (and from which file, if any)."""
+        if learning is None:
+            return
+        basis = (
+            "the slowest block seen" if learning.quantile >= 1 else f"the p{learning.quantile * 100:g} of the blocks"
+        )
+        self.say(
+            f"learning timeouts: after {learning.warmup:,} blocks of a scope, its blocks get "
+            f"min(after, max({seconds_text(learning.floor)}, {learning.factor:g} x {basis}))"
+            + (f"; figures carried in {timeouts_file}" if timeouts_file else "")
+        )
+
     def event(self, event: Event) -> None:
-        """From the timer servers' threads: a process whose timers are refused is named once."""
+        """From the timer servers' threads: near misses (once per scope), learned deadlines, refused processes."""
+        if event.name == "near miss":
+            self._near_miss(event)
+            return
+        if event.name == "deadline learned":
+            d = event.details
+            how = f"{d.get('factor'):g} x {'max' if d.get('quantile', 1) >= 1 else 'p%g' % (d['quantile'] * 100)}"
+            floor = " (the floor)" if d.get("deadline_s") == d.get("floor_s") else ""
+            self.say(
+                f"scope {event.scope!r}: learned deadline {seconds_text(d.get('deadline_s'))}{floor}, from "
+                f"{d.get('blocks', 0):,} blocks ({how} {seconds_text(d.get('basis_s'))}); its blocks asked "
+                f"for {seconds_text(d.get('after_s'))}"
+            )
+            return
         reason = str(event.details.get("reason", ""))
         if event.name != "bad request" or not ("(allowed_pids)" in reason or "(children_only)" in reason):
             return
@@ -47,11 +75,28 @@ class Reporter:
             f"{event.scope!r} is ignored (was it started outside the run, or did its parent exit?)"
         )
 
+    def _near_miss(self, event: Event) -> None:
+        scope = str(event.scope)
+        with self._lock:
+            if scope in self._near:
+                return
+            self._near.add(scope)
+        d = event.details
+        rank = f" (rank {d['rank']})" if "rank" in d else ""
+        budget = "learned deadline" if "learned" in d else "timeout"
+        self.say(
+            f"near miss: a block of {scope!r}{rank} took {seconds_text(d.get('duration_s'))} of its "
+            f"{seconds_text(d.get('timeout_s'))} {budget} ({float(d.get('used', 0)) * 100:.0f}%); if that is "
+            f"normal for it, give it more time before a kill does it for you (told once per scope)"
+        )
+
     def attempt(self, attempt: Attempt) -> None:
         """An attempt of the single-node agent as it ends: its outcome, or its hang report and counts."""
         label = f"attempt {attempt.number + 1} of {self.total}"
         if attempt.outcome == SUCCEEDED:
-            self.say(f"{label}: all {len(attempt.pids)} workers finished ({attempt.seconds:.1f} s)")
+            n = len(attempt.pids)
+            who = "the worker finished" if n == 1 else f"all {n} workers finished"
+            self.say(f"{label}: {who} ({attempt.seconds:.1f} s)")
             return
         if attempt.outcome != FAILED:
             self.say(f"{label}: interrupted; every worker was stopped")
@@ -103,6 +148,66 @@ class Reporter:
                     f"  attempt {attempt.number + 1}: likely caused by {ranks_text(report.culprits)}{place} "
                     f"(confidence: {report.verdict.confidence})"
                 )
+        self.statistics(result.statistics)
+
+    def statistics(self, figures: Dict[str, Dict[str, Any]], where: str = "every rank, every attempt") -> None:
+        """The per-scope table at the end of a run."""
+        lines = statistics_lines(figures)
+        if not lines:
+            return
+        with self._lock:
+            self.out.write(f"hangwatch: timers by scope ({where}):\n")
+            for line in lines:
+                self.out.write(f"hangwatch:   {line}\n")
+            self.out.flush()
+
+
+_MAX_SCOPES_SHOWN = 20
+
+
+def statistics_lines(figures: Dict[str, Dict[str, Any]]) -> List[str]:
+    """The end-of-run table: one line per scope (the busiest first, at most 20), columns aligned."""
+    if not figures:
+        return []
+    learning = any("learned_s" in f for f in figures.values())
+    head = ["scope", "blocks", "p50", "p99", "max", "timeout", "closest call", "expired"]
+    if learning:
+        head.append("learned deadline")
+    busiest = sorted(figures.items(), key=lambda item: (-item[1].get("blocks", 0), item[0]))
+    rows = [head]
+    for scope, f in busiest[:_MAX_SCOPES_SHOWN]:
+        shown = scope if len(scope) <= 40 else "..." + scope[-37:]
+        closest = f.get("closest_call")
+        row = [
+            shown,
+            f"{f.get('blocks', 0):,}",
+            seconds_text(f.get("p50_s")),
+            seconds_text(f.get("p99_s")),
+            seconds_text(f.get("max_s")),
+            seconds_text(f.get("timeout_s")),
+            "-" if closest is None else f"{closest * 100:.1f}%",
+            str(f.get("expired", 0)),
+        ]
+        if learning:
+            found = f.get("learned")
+            if found:
+                basis = "max" if found["quantile"] >= 1 else f"p{found['quantile'] * 100:g}"
+                floor = "the floor; " if found["deadline_s"] == found["floor_s"] else ""
+                row.append(
+                    f"{seconds_text(found['deadline_s'])} ({floor}{found['factor']:g} x {basis} "
+                    f"{seconds_text(found['basis_s'])})"
+                )
+            else:
+                row.append("not yet (warm-up)")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)).rstrip()
+        for row in rows
+    ]
+    if len(busiest) > _MAX_SCOPES_SHOWN:
+        lines.append(f"... and {len(busiest) - _MAX_SCOPES_SHOWN} more scopes (all of them in the statistics file)")
+    return lines
 
 
 def plural(count: int, one: str, many: str) -> str:

@@ -78,7 +78,12 @@ def run_single(spec: WorkerSpec, args: argparse.Namespace, out: TextIO, worker_o
         output=worker_out,
         native_stacks=args.native_stacks,
         native_timeout=args.native_timeout,
+        statistics=args.keep_statistics,
+        learn=args.learning,
+        statistics_file=args.statistics_file,
+        timeouts_file=args.timeouts_file,
     )
+    reporter.learning(args.learning, args.timeouts_file)
     started = time.monotonic()
     result = agent.run()
     reporter.summary(result, time.monotonic() - started)
