@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, List, Tuple
@@ -293,3 +295,35 @@ def test_learn_needs_a_hangwatch_client_and_a_bool() -> None:
     with pytest.raises(ValueError, match="disagree"):
         q = mp.get_context("spawn").Queue()
         hangwatch.LocalTimerServer(q, statistics=ScopeStatistics(), learn=Learning())
+
+
+def test_what_was_learned_survives_a_group_restart(tmp_path: Path) -> None:
+    """Attempt 1 learns from 40 steps, then hangs; attempt 2 hangs in its very first step (no warm-up of its own):
+    both are reaped at the learned deadline, and the report and the run's figures say so."""
+    from hangwatch.agent import LocalElasticAgent, WorkerSpec
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os, time, hangwatch\n"
+        "hangwatch.configure_from_env()\n"
+        "steps = 40 if os.environ['TORCHELASTIC_RESTART_COUNT'] == '0' else 0\n"
+        "for _ in range(steps):\n"
+        "    with hangwatch.expires(after=30, scope='step'):\n"
+        "        time.sleep(0.01)\n"
+        "time.sleep(1.6)  # the worker reports its blocks (at most 1.25 s after the last)\n"
+        "with hangwatch.expires(after=30, scope='step'):\n"
+        "    time.sleep(60)\n"
+    )
+    spec = WorkerSpec(local_world_size=1, entrypoint=sys.executable, args=(str(script),), max_restarts=1)
+    with open(os.devnull, "w") as quiet:
+        agent = LocalElasticAgent(spec, learn=Learning(floor=0.5, warmup=30), output=quiet)
+        started = time.monotonic()
+        result = agent.run()
+    assert time.monotonic() - started < 25, "a hang was not caught at the learned deadline (after=30)"
+    assert result.is_failed() and len(result.attempts) == 2
+    for attempt in result.attempts:
+        (failure,) = attempt.failures.values()
+        assert failure.reaped and failure.learned is not None and failure.learned["deadline_s"] == 0.5
+        assert "at its learned deadline of 0.5 s (its after: 30 s)" in failure.fate()
+        assert attempt.report is not None and "learned deadline" in attempt.report.trigger
+    assert result.statistics["step"]["blocks"] >= 40 and result.statistics["step"]["expired"] == 2
