@@ -120,6 +120,24 @@ class TestLearning:
         with pytest.raises(ValueError, match="scope 'step'"):
             later.load(tmp_path / "lying.json")
 
+    def test_another_nodes_figures_count_for_learning_and_are_replaced_not_added(self) -> None:
+        """A node with no blocks of its own learns from another's; a new report replaces the last; nothing is
+        shared back twice (own_figures leaves the others' out)."""
+        node0 = ScopeStatistics(Learning(floor=0.5, warmup=30))
+        for _ in range(40):
+            node0.add("step", 0.1, 600)
+        told: List[Tuple[str, float]] = []
+        node1 = ScopeStatistics(Learning(floor=0.5, warmup=30), on_learned=lambda s, d, a: told.append((s, a)))
+        assert node1.set_remote("node 0", node0.own_figures()) == 1
+        assert node1.learned("step") == node0.learned("step") and told == [("step", 600)]
+        assert node1.own_figures() == {} and node1.figures()["step"]["blocks"] == 40
+        node0.add("step", 0.4, 600)
+        node1.set_remote("node 0", node0.own_figures())
+        assert node1.figures()["step"]["blocks"] == 41
+        assert node1.learned("step").seconds == pytest.approx(1.2)  # type: ignore[union-attr]
+        node1.set_remote("node 0", {"step": {"blocks": 3}, "other": "junk"})  # malformed: skipped
+        assert node1.figures() == {}
+
     def test_the_table_is_bounded(self) -> None:
         """A client inventing a name per block cannot grow the table past max_scopes."""
         table = ScopeStatistics(max_scopes=3)

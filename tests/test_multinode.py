@@ -232,6 +232,40 @@ def test_torchs_own_file_timer_client_is_served_by_hangwatch_and_its_agent_survi
     assert out.count("rank 1 done") == 1, out  # the attempt after the reap
 
 
+# Only node 0's ranks run steps; node 1's ranks wait, then hang on the first attempt in a step of their own:
+# what they are caught at was learned from the other node's ranks.
+LEARN_ACROSS = """
+import os, sys, time
+import hangwatch
+
+if os.environ["GROUP_RANK"] == "0":
+    for _ in range(40):
+        with hangwatch.expires(after=600, scope="step"):
+            time.sleep(0.01)
+    time.sleep(12)
+elif os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    time.sleep(8)  # node 0's figures reach this node meanwhile (shared every 2 s)
+    with hangwatch.expires(after=600, scope="step"):
+        time.sleep(3600)
+print(f"rank {os.environ['RANK']} done", flush=True)
+"""
+
+
+def test_every_node_learns_from_every_rank_of_the_job(tmp_path: Path) -> None:
+    """A node whose own ranks ran no step catches a hang at the deadline learned from the other node's ranks."""
+    script = job(tmp_path, LEARN_ACROSS)
+    port = free_port()
+    options = ["--max-restarts", "1", "--learn-timeouts", "--timeout-floor", "1", "--timeout-warmup", "30"]
+    results = finish([launcher(script, port, *options) for _ in range(2)])
+    outputs = "\n".join(out for _, out in results)
+    assert [code for code, _ in results] == [0, 0], outputs
+    caught = [out for _, out in results if "expired at its learned deadline of 1 s (its after: 600 s)" in out]
+    assert len(caught) == 2, outputs  # the node of the hung ranks reports it, and so does the other
+    assert outputs.count("scope 'step': learned deadline 1 s (the floor)") == 2, outputs
+    assert "timers by scope (every node's ranks, every worker group)" in outputs, outputs
+    assert "reaped: timer 'step' expired at its learned deadline of 1 s (its after: 600 s)" in outputs, outputs
+
+
 def test_without_torch_the_multinode_options_exit_2_and_say_to_install_it(tmp_path: Path) -> None:
     fake = tmp_path / "site" / "torch"
     fake.mkdir(parents=True)

@@ -192,6 +192,11 @@ class ScopeStatistics:
         self._scopes: Dict[str, ScopeStats] = {}
         self._learned: Dict[str, LearnedDeadline] = {}
         self._recompute_at: Dict[str, int] = {}  # scope -> block count at which its deadline is computed again
+        # Figures from elsewhere, by source (another node of the job, a loaded file): they count for
+        # learning and in figures(), and each source's are replaced as a whole when it sends again.
+        self._remote: Dict[str, Dict[str, ScopeStats]] = {}
+        self._remote_count: Dict[str, int] = {}  # scope -> blocks of it in the remote figures
+        self._loads = 0
         self.shortest_learned = math.inf  # the shortest deadline learned for any scope (seconds)
 
     @property
@@ -250,20 +255,66 @@ class ScopeStatistics:
             if stats is not None:
                 stats.expired += 1
 
-    def __contains__(self, scope: object) -> bool:
-        return scope in self._scopes
-
     def __len__(self) -> int:
-        """How many scopes are tracked."""
+        """How many scopes this table's own servers track."""
         return len(self._scopes)
 
     def __bool__(self) -> bool:
         return True  # a table is a table, even empty (``statistics or ...`` must not drop an empty one)
 
-    def figures(self) -> Dict[str, Dict[str, Any]]:
-        """Each scope's figures (see :meth:`ScopeStats.to_dict`), with ``learned_s`` and ``learned`` when learning."""
+    def set_remote(self, source: str, figures: Dict[str, Any]) -> int:
+        """Take ``source``'s figures (another node's :meth:`own_figures`) in place of what it sent before.
+
+        They count for learning, so every node of a job learns from every rank, and in
+        :meth:`figures`; :meth:`own_figures` leaves them out. Malformed scopes are skipped.
+        Returns how many scopes were taken.
+        """
+        taken: Dict[str, ScopeStats] = {}
+        for scope, data in list(figures.items())[: self._max_scopes]:
+            try:
+                taken[str(scope)] = ScopeStats.from_dict(data)
+            except ValueError:
+                continue
+        self._set_source(f"remote:{source}", taken)
+        return len(taken)
+
+    def _set_source(self, source: str, taken: Dict[str, ScopeStats]) -> None:
+        """Put ``taken`` in place of what ``source`` gave before; tell the scopes that got a first deadline."""
+        firsts = []
         with self._lock:
-            out = {scope: stats.to_dict() for scope, stats in sorted(self._scopes.items())}
+            old = self._remote.get(source, {})
+            self._remote[source] = taken
+            for scope in set(old) | set(taken):
+                self._remote_count[scope] = sum(r[scope].count for r in self._remote.values() if scope in r)
+            for scope, stats in taken.items():
+                first = self._relearn(scope, self._scopes.get(scope), stats.max_s)
+                if first is not None:
+                    firsts.append((scope, first))
+            timeouts = {scope: self._timeout_of(scope) for scope, _ in firsts}
+        for scope, first in firsts:
+            self._tell(scope, first, timeouts[scope])
+
+    def own_figures(self) -> Dict[str, Dict[str, Any]]:
+        """The figures of the blocks this table's own servers saw (no remote ones): what a node shares."""
+        with self._lock:
+            return {scope: stats.to_dict() for scope, stats in sorted(self._scopes.items())}
+
+    def figures(self, *, loaded: bool = True) -> Dict[str, Dict[str, Any]]:
+        """Each scope's figures (see :meth:`ScopeStats.to_dict`), with ``learned_s`` and ``learned`` when learning.
+
+        Remote figures (:meth:`set_remote`) are included, and with ``loaded`` those of files
+        (:meth:`load`); the learned deadlines come from all of them.
+        """
+        with self._lock:
+            sources = [r for name, r in self._remote.items() if loaded or not name.startswith("file:")]
+            names = sorted(set(self._scopes).union(*sources))
+            out = {}
+            for scope in names:
+                combined = ScopeStats()
+                for part in [self._scopes.get(scope), *(r.get(scope) for r in sources)]:
+                    if part is not None:
+                        combined.merge(part)
+                out[scope] = combined.to_dict()
             learned = dict(self._learned)
         if self._learning is not None:
             for scope, figures in out.items():
@@ -272,23 +323,27 @@ class ScopeStatistics:
                 figures["learned"] = None if found is None else found.to_dict()
         return out
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self, *, loaded: bool = True) -> Dict[str, Any]:
         """The whole table as JSON values: what :meth:`save` writes and :meth:`load` reads."""
         return {
             "format": _FORMAT,
             "version": _VERSION,
             "learning": None if self._learning is None else self._learning.to_dict(),
-            "scopes": self.figures(),
+            "scopes": self.figures(loaded=loaded),
         }
 
-    def save(self, path: Union[str, os.PathLike[str]]) -> None:
-        """Write the table to ``path`` as JSON (atomically: a reader sees the old file or the new one)."""
+    def save(self, path: Union[str, os.PathLike[str]], *, loaded: bool = True) -> None:
+        """Write the table to ``path`` as JSON (atomically: a reader sees the old file or the new one).
+
+        With ``loaded`` (the default) the figures of loaded files are included: a file saved
+        after a load holds both, for the next run.
+        """
         target = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(target))
         fd, temporary = tempfile.mkstemp(prefix=".hangwatch-stats-", dir=folder)
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1, sort_keys=True)
+                json.dump(self.to_dict(loaded=loaded), f, indent=1, sort_keys=True)
                 f.write("\n")
             os.replace(temporary, target)
         except BaseException:
@@ -301,8 +356,10 @@ class ScopeStatistics:
     def load(self, path: Union[str, os.PathLike[str]]) -> int:
         """Add the figures saved in ``path`` (by :meth:`save`) to this table; return how many scopes it held.
 
-        Learned deadlines follow from the merged figures (this table's settings apply),
-        so a run that loads an earlier run's figures has its deadlines from its first block.
+        Learned deadlines follow from all the figures (this table's settings apply), so a
+        run that loads an earlier run's figures has its deadlines from its first block. They
+        are kept apart from this table's own blocks: :meth:`own_figures` (what a node shares
+        with the others) and ``figures(loaded=False)`` leave them out.
 
         Raises:
             FileNotFoundError: no such file.
@@ -324,8 +381,8 @@ class ScopeStatistics:
                 loaded[scope] = ScopeStats.from_dict(figures)
             except ValueError as exc:
                 raise ValueError(f"{target}: scope {scope!r}: {exc}") from None
-        for scope, stats in loaded.items():
-            self.merge(scope, stats)
+        self._loads += 1
+        self._set_source(f"file:{self._loads}:{target}", loaded)  # apart from this table's own blocks
         return len(loaded)
 
     # ----------------------------------------------------------------- internals (hold the lock)
@@ -338,17 +395,36 @@ class ScopeStatistics:
             stats = self._scopes[scope] = ScopeStats()
         return stats
 
-    def _relearn(self, scope: str, stats: ScopeStats, slowest: float) -> Optional[LearnedDeadline]:
+    def _combined(self, scope: str, own: Optional[ScopeStats]) -> ScopeStats:
+        """The scope's own figures with the remote ones added (own itself when there are none)."""
+        if not self._remote_count.get(scope) and own is not None:
+            return own
+        combined = ScopeStats()
+        if own is not None:
+            combined.merge(own)
+        for remote in self._remote.values():
+            found = remote.get(scope)
+            if found is not None:
+                combined.merge(found)
+        return combined
+
+    def _timeout_of(self, scope: str) -> float:
+        own = self._scopes.get(scope)
+        return own.timeout_s if own is not None and own.count else self._combined(scope, own).timeout_s
+
+    def _relearn(self, scope: str, own: Optional[ScopeStats], slowest: float) -> Optional[LearnedDeadline]:
         """Compute the scope's deadline again when its figures grew enough, or a block was slower than its basis.
 
         Returns the deadline when it is the scope's first.
         """
         learning = self._learning
-        if learning is None or stats.count < learning.warmup:
+        count = (0 if own is None else own.count) + self._remote_count.get(scope, 0)
+        if learning is None or count < learning.warmup:
             return None
         current = self._learned.get(scope)
-        if current is not None and stats.count < self._recompute_at.get(scope, 0) and slowest <= current.basis_s:
+        if current is not None and count < self._recompute_at.get(scope, 0) and slowest <= current.basis_s:
             return None
+        stats = self._combined(scope, own)
         found = learning.deadline(stats)
         if found is not None:
             self._learned[scope] = found

@@ -5,7 +5,8 @@ The agent (one node) and the multi-node launcher (each node) make one
 what the FIFO and shared-memory servers measure adds up, and what was learned survives
 a restart of the worker group. Two files, both optional:
 
-- the statistics file: this run's figures, written after every attempt and at the end;
+- the statistics file: this run's figures (of every rank: on many nodes, those the other
+  nodes shared too), written after every attempt and at the end;
 - the timeouts file: figures carried across runs: read at the start when it exists (a
   run that learns has its deadlines from its first block), written back after every
   attempt with this run's blocks added.
@@ -111,16 +112,16 @@ class RunFigures:
         if self.table is None:
             return None
         problems = []
-        for path in (self.statistics_file, self.timeouts_file):
+        for path, loaded in ((self.statistics_file, False), (self.timeouts_file, True)):
             if path is None:
                 continue
             try:
-                self.table.save(path)
+                self.table.save(path, loaded=loaded)
             except OSError as exc:
                 logger.warning("could not write the figures to %s: %s", path, exc)
                 problems.append(f"could not write {path}: {exc.strerror or exc}")
         return "; ".join(problems) or None
 
     def figures(self) -> Dict[str, Dict[str, Any]]:
-        """Each scope's figures now (empty when statistics are off)."""
-        return {} if self.table is None else self.table.figures()
+        """Each scope's figures of this run (every rank; empty when statistics are off), learned deadlines included."""
+        return {} if self.table is None else self.table.figures(loaded=False)

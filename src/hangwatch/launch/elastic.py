@@ -28,6 +28,7 @@ import importlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, TextIO
@@ -52,6 +53,7 @@ from .reporter import Reporter, plural
 __all__ = ["PREFIX_TEMPLATE", "run_elastic", "torchrun_argv"]
 
 PREFIX_TEMPLATE = "[${rank}] "  # each worker line, prefixed with its global rank (as on one node)
+_SHARE_EVERY = 2.0  # seconds between two publications of a node's figures to the other nodes
 
 
 def torchrun_argv(args: argparse.Namespace, log_dir: str) -> List[str]:
@@ -159,6 +161,8 @@ class _Node:
         self._figures = RunFigures(
             args.keep_statistics, args.learning, args.statistics_file, args.timeouts_file, on_learned=self._learned
         )
+        self._sharing: Optional[threading.Thread] = None
+        self._stop_sharing = threading.Event()
 
     def discard(self) -> None:
         """Undo what was made before the run (its folder)."""
@@ -199,9 +203,29 @@ class _Node:
                 after_group=self._save_figures,
             )
             self._watch.start()
+            if exchange is not None and self._figures.table is not None:
+                self._sharing = threading.Thread(
+                    target=self._share_figures, args=(exchange.another(),), name="hangwatch-figures", daemon=True
+                )
+                self._sharing.start()
             engine()
         finally:
             self._undo()
+
+    def _share_figures(self, exchange: StoreExchange) -> None:
+        """Every few seconds: publish this node's figures, take the other nodes' (every node learns from every rank)."""
+        table = self._figures.table
+        assert table is not None
+        slot: Optional[int] = None
+        while True:
+            if slot is None:
+                slot = exchange.join_figures()
+            if slot is not None:
+                exchange.share_figures(slot, table.own_figures())
+                for other, figures in exchange.others_figures(slot).items():
+                    table.set_remote(f"launcher {other}", figures)
+            if self._stop_sharing.wait(_SHARE_EVERY):
+                return
 
     def _start_servers(self) -> None:
         args = self._args
@@ -244,6 +268,9 @@ class _Node:
             self._events.emit("deadline learned", scope=scope, after_s=round(after, 3), **learned.to_dict())
 
     def _undo(self) -> None:
+        self._stop_sharing.set()
+        if self._sharing is not None:
+            self._sharing.join(10)
         if self._watch is not None:
             self._watch.stop()
         for server in self._servers:
@@ -289,4 +316,5 @@ class _Node:
                     f"(confidence: {attempt['confidence']})"
                 )
         self._save_figures()
-        self.reporter.statistics(self._figures.figures(), where=f"node {node}'s ranks, every worker group")
+        where = "every node's ranks" if self._sharing is not None else f"node {node}'s ranks"
+        self.reporter.statistics(self._figures.figures(), where=f"{where}, every worker group")

@@ -14,6 +14,10 @@ groups: its ``MASTER_ADDR:MASTER_PORT``, which every node's workers share):
 - ``node/<n>``: node n's snapshot (:meth:`~hangwatch._evidence.GroupSnapshot.to_dict`) and
   its ranks' fates once its group ended (JSON).
 
+And, for the whole job, under ``hangwatch/<rdzv id>/figures/``: ``count``, the number of
+launchers that joined, and ``<slot>``, each launcher's per-scope figures (JSON), so that every
+node learns its deadlines from every rank of the job.
+
 The store is reached with a short timeout, from one thread per client; a store that cannot
 be reached (its host node is gone) leaves each node with its own report, which says so.
 """
@@ -152,6 +156,26 @@ class StoreExchange:
                 value = self._read(self._key(round_key, f"node/{node}"), since)
                 if value is not None:
                     found[node] = value
+        return found
+
+    def join_figures(self) -> Optional[int]:
+        """This launcher's slot for sharing its figures (one per launcher, for the whole job); None if unreachable."""
+        count = self._call("add", f"{self._prefix}/figures/count", 1)
+        return None if not isinstance(count, int) else count - 1
+
+    def share_figures(self, slot: int, figures: Dict[str, Any]) -> None:
+        """Publish this launcher's per-scope figures (its own blocks only) in its slot."""
+        self._call("set", f"{self._prefix}/figures/{slot}", json.dumps(figures))
+
+    def others_figures(self, slot: int) -> Dict[int, Dict[str, Any]]:
+        """The figures the other launchers of the job published, by slot."""
+        count = self._call("add", f"{self._prefix}/figures/count", 0)
+        found: Dict[int, Dict[str, Any]] = {}
+        for other in range(count if isinstance(count, int) else 0):
+            if other != slot:
+                value = self._load(f"{self._prefix}/figures/{other}")
+                if value is not None:
+                    found[other] = value
         return found
 
     def _load(self, key: str) -> Optional[Dict[str, Any]]:

@@ -351,7 +351,8 @@ class NodeWatch:
             reap = group.reaps.get(pid)
             code = group.status.get(rank)
             if reap is not None:
-                fates[pid] = f"reaped: timer {reap.scope!r} expired; killed by {reap.details.get('signal', 'a signal')}"
+                expired = f"timer {reap.scope!r} expired{learned_text(reap.details.get('learned'))}"
+                fates[pid] = f"reaped: {expired}; killed by {reap.details.get('signal', 'a signal')}"
             elif code == 0:
                 fates[pid] = "finished (exit status 0)"
             elif code is None:
@@ -360,7 +361,7 @@ class NodeWatch:
                 fates[pid] = exit_text(code)
         for pid, reap in group.reaps.items():
             if pid not in fates:
-                fates[pid] = f"reaped: timer {reap.scope!r} expired"
+                fates[pid] = f"reaped: timer {reap.scope!r} expired{learned_text(reap.details.get('learned'))}"
         return fates
 
     def _report_group(self, group: _Group) -> None:
