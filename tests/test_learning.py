@@ -129,7 +129,10 @@ class TestLearning:
         told: List[Tuple[str, float]] = []
         node1 = ScopeStatistics(Learning(floor=0.5, warmup=30), on_learned=lambda s, d, a: told.append((s, a)))
         assert node1.set_remote("node 0", node0.own_figures()) == 1
-        assert node1.learned("step") == node0.learned("step") and told == [("step", 600)]
+        assert node1.learned("step") == node0.learned("step")
+        assert told == [] and node1.figures()["step"]["learned_s"] is None  # no block of it here may get it yet
+        node1.mark_learnable("step")  # a block that may get it arrived
+        assert told == [("step", 600)] and node1.figures()["step"]["learned_s"] == 0.5
         assert node1.own_figures() == {} and node1.figures()["step"]["blocks"] == 40
         node0.add("step", 0.4, 600)
         node1.set_remote("node 0", node0.own_figures())
@@ -222,10 +225,13 @@ def test_only_blocks_that_ask_are_learned_when_the_default_is_off(tmp_path: Path
     """Learning(default=False): a block without learn=True keeps its after, however much was learned."""
     server, address = _server("fifo", tmp_path, learn=Learning(floor=0.3, warmup=20, default=False))
     try:
-        plan = [("step", 30, 0.005, 25, True), ("step", 30, 1.0, 1, None)]
+        plan = [("step", 30, 0.005, 25, True), ("step", 30, 1.0, 1, None), ("other", 30, 0, 25, None)]
         p = run_worker(_workers.learning_job, "fifo", address, plan, None, None, timeout=60)
         assert p.exitcode == 0 and events.named("timer expired") == []
         assert server.statistics.learned("step") is not None
+        figures = server.scope_statistics()
+        assert figures["step"]["learned_s"] is not None
+        assert figures["other"]["learned_s"] is None  # none of its blocks may get one: none is shown
     finally:
         server.stop()
 

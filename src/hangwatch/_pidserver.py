@@ -235,6 +235,7 @@ class PidTimerServer(TimerServer):
         self._learning = None if self._stats is None else self._stats.learning
         self._applied_learn: Dict[int, Optional[bool]] = {}  # a pinned worker -> the learn choice of _applied's field
         self._table_full_told = False
+        self._learnable: Set[str] = set()  # scopes marked learnable in the table by this server
         self._near_miss = near_miss
         self._near_miss_told: Dict[str, Tuple[float, int]] = {}  # scope -> (when told, misses left untold)
         self._received = 0.0  # monotonic time the current batch of requests arrived
@@ -390,6 +391,10 @@ class PidTimerServer(TimerServer):
         note: Optional[_Held] = None
         learning = self._learning
         if learning is not None and (learning.default if learn is None else learn):
+            if scope not in self._learnable:
+                if len(self._learnable) < self._stats.max_scopes:
+                    self._learnable.add(scope)
+                self._stats.mark_learnable(scope)
             learned = self._stats.learned(scope)
             if learned is not None and self._received + learned.seconds < deadline:
                 cut = self._received + learned.seconds

@@ -25,7 +25,7 @@ import math
 import os
 import tempfile
 import threading
-from typing import Any, Callable, Dict, NamedTuple, Optional, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Set, Union
 
 from ._stats import ScopeStats
 
@@ -197,6 +197,10 @@ class ScopeStatistics:
         self._remote: Dict[str, Dict[str, ScopeStats]] = {}
         self._remote_count: Dict[str, int] = {}  # scope -> blocks of it in the remote figures
         self._loads = 0
+        # Scopes with blocks that may get a learned deadline (not all opted out): only theirs are
+        # shown and announced. Servers mark them as such blocks arrive.
+        self._learnable: Set[str] = set()
+        self._untold: Dict[str, LearnedDeadline] = {}  # first deadlines of scopes not marked yet
         self.shortest_learned = math.inf  # the shortest deadline learned for any scope (seconds)
 
     @property
@@ -212,6 +216,21 @@ class ScopeStatistics:
     def learned(self, scope: str) -> Optional[LearnedDeadline]:
         """The deadline learned for ``scope``, or None (not learning, or before its warm-up)."""
         return self._learned.get(scope)
+
+    def mark_learnable(self, scope: str) -> None:
+        """A block of ``scope`` that may get a learned deadline arrived (a server says so at its acquire).
+
+        The scope's learned deadline is then shown in :meth:`figures` and announced (``on_learned``);
+        a scope whose blocks all opt out (``learn=False``) is learned from but never shown as learned.
+        """
+        if scope in self._learnable or len(self._learnable) >= self._max_scopes:
+            return
+        with self._lock:
+            self._learnable.add(scope)
+            first = self._untold.pop(scope, None)
+            after = self._timeout_of(scope) if first is not None else 0.0
+        if first is not None:
+            self._tell(scope, first, after)
 
     def add(self, scope: str, duration: float, budget: float, after: Optional[float] = None) -> Optional[float]:
         """Count one released block of ``scope``; the fraction of its budget it used, or None if not counted.
@@ -245,6 +264,11 @@ class ScopeStatistics:
         return True
 
     def _tell(self, scope: str, learned: LearnedDeadline, after: float) -> None:
+        if scope not in self._learnable:
+            with self._lock:
+                if scope not in self._learnable:
+                    self._untold[scope] = learned  # told when a block that may get it arrives
+                    return
         if self._on_learned is not None:
             self._on_learned(scope, learned, after)
 
@@ -300,7 +324,9 @@ class ScopeStatistics:
             return {scope: stats.to_dict() for scope, stats in sorted(self._scopes.items())}
 
     def figures(self, *, loaded: bool = True) -> Dict[str, Dict[str, Any]]:
-        """Each scope's figures (see :meth:`ScopeStats.to_dict`), with ``learned_s`` and ``learned`` when learning.
+        """Each scope's figures (see :meth:`ScopeStats.to_dict`); when learning, also ``learned_s`` and
+        ``learned`` (the deadline and its figures, or None) and ``learnable`` (whether any of its
+        blocks may get one: False when they all opt out).
 
         Remote figures (:meth:`set_remote`) are included, and with ``loaded`` those of files
         (:meth:`load`); the learned deadlines come from all of them.
@@ -318,7 +344,8 @@ class ScopeStatistics:
             learned = dict(self._learned)
         if self._learning is not None:
             for scope, figures in out.items():
-                found = learned.get(scope)
+                figures["learnable"] = scope in self._learnable
+                found = learned.get(scope) if figures["learnable"] else None
                 figures["learned_s"] = None if found is None else round(found.seconds, 6)
                 figures["learned"] = None if found is None else found.to_dict()
         return out

@@ -197,6 +197,8 @@ def statistics_lines(figures: Dict[str, Dict[str, Any]]) -> List[str]:
                     f"{seconds_text(found['deadline_s'])} ({floor}{found['factor']:g} x {basis} "
                     f"{seconds_text(found['basis_s'])})"
                 )
+            elif f.get("learnable") is False:
+                row.append("off (learn=False)")
             else:
                 row.append("not yet (warm-up)")
         rows.append(row)
