@@ -36,7 +36,7 @@ from ._reaper import (
 from ._worker import WorkerInfo, parse_identity
 from .api import RequestQueue, TimerRequest, TimerServer
 from .events import EventEmitter, EventSink, JsonLinesSink
-from .learn import LearnedDeadline, Learning, ScopeStatistics
+from .learn import LearnedDeadline, Learning, ScopeStatistics, statistics_table
 from .limits import Limits
 
 __all__ = ["PidTimerServer"]
@@ -59,9 +59,8 @@ class _Held(NamedTuple):
     """What the book keeps with a timer whose deadline was learned (shorter than its ``after``)."""
 
     learned: LearnedDeadline
-    after_deadline: float  # the deadline its after gave, on the monotonic clock
     wall_deadline: float  # the learned deadline, in time.time() seconds
-    after_s: float  # the timeout the block asked for (as the server received it)
+    after_s: float  # the timeout the block asked for (its deadline minus its arrival)
 
     def details(self) -> Dict[str, Any]:
         """For events: the learned deadline, the figures it came from, and the block's own timeout."""
@@ -115,22 +114,6 @@ class _Reap:
         if self.stack_note is not None:
             return {"stack_note": self.stack_note}
         return {}
-
-
-def _statistics_table(statistics: Union[bool, ScopeStatistics], learn: Optional[Learning]) -> Optional[ScopeStatistics]:
-    """The server's table: a shared one, one of its own, or none."""
-    if learn is not None and not isinstance(learn, Learning):
-        raise TypeError(f"learn must be a hangwatch.Learning (got {learn!r})")
-    if isinstance(statistics, ScopeStatistics):
-        if learn is not None and learn != statistics.learning:
-            raise ValueError(
-                "learn= and a shared statistics= table disagree: give the Learning to the ScopeStatistics "
-                "(ScopeStatistics(learning)) and leave learn= out"
-            )
-        return statistics
-    if not isinstance(statistics, bool):
-        raise TypeError(f"statistics must be True, False or a hangwatch.ScopeStatistics (got {statistics!r})")
-    return ScopeStatistics(learn) if statistics or learn is not None else None
 
 
 def _check_pids(pids: Optional[Iterable[int]]) -> Optional[frozenset[int]]:
@@ -231,11 +214,10 @@ class PidTimerServer(TimerServer):
             isinstance(near_miss, bool) or not isinstance(near_miss, (int, float)) or not 0 < near_miss <= 1
         ):
             raise ValueError(f"near_miss must be a fraction in (0, 1], or None (got {near_miss!r})")
-        self._stats = _statistics_table(statistics, learn)
+        self._stats = statistics_table(statistics, learn)
         self._learning = None if self._stats is None else self._stats.learning
         self._applied_learn: Dict[int, Optional[bool]] = {}  # a pinned worker -> the learn choice of _applied's field
         self._table_full_told = False
-        self._learnable: Set[str] = set()  # scopes marked learnable in the table by this server
         self._near_miss = near_miss
         self._near_miss_told: Dict[str, Tuple[float, int]] = {}  # scope -> (when told, misses left untold)
         self._received = 0.0  # monotonic time the current batch of requests arrived
@@ -391,14 +373,11 @@ class PidTimerServer(TimerServer):
         note: Optional[_Held] = None
         learning = self._learning
         if learning is not None and (learning.default if learn is None else learn):
-            if scope not in self._learnable:
-                if len(self._learnable) < self._stats.max_scopes:
-                    self._learnable.add(scope)
-                self._stats.mark_learnable(scope)
+            self._stats.mark_learnable(scope)
             learned = self._stats.learned(scope)
             if learned is not None and self._received + learned.seconds < deadline:
                 cut = self._received + learned.seconds
-                note = _Held(learned, deadline, cut - offset, deadline - self._received)
+                note = _Held(learned, cut - offset, deadline - self._received)
                 deadline = cut
         book.set(pid, scope, deadline, request, self._received if self._measures_blocks else None, note)
 
@@ -410,7 +389,7 @@ class PidTimerServer(TimerServer):
         """A held block was released: add it to its scope's figures; a near miss says so."""
         assert self._stats is not None
         duration, budget = self._received - start, deadline - start
-        used = self._stats.add(scope, duration, budget, None if note is None else note.after_deadline - start)
+        used = self._stats.add(scope, duration, budget, None if note is None else note.after_s)
         if used is None:
             self._table_full(pid, scope)
             return
@@ -571,12 +550,8 @@ class PidTimerServer(TimerServer):
             rank = group.rank_of(worker_id)
             if rank is not None:
                 scope = chosen.scope_id
-                reason = f"timer {scope!r} expired"
-                if job.held is None:
-                    group.collect(pid=worker_id, rank=rank, scope=scope, reason=reason)
-                else:
-                    learned = job.held.details()["learned"]
-                    group.collect(pid=worker_id, rank=rank, scope=scope, reason=reason, learned=learned)
+                learned = None if job.held is None else job.held.details()["learned"]
+                group.collect(pid=worker_id, rank=rank, scope=scope, reason=f"timer {scope!r} expired", learned=learned)
                 self._await_evidence(job, group)
                 return True
         self._start_evidence(job)

@@ -25,11 +25,11 @@ import math
 import os
 import tempfile
 import threading
-from typing import Any, Callable, Dict, NamedTuple, Optional, Set, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Union
 
 from ._stats import ScopeStats
 
-__all__ = ["LearnedDeadline", "Learning", "ScopeStatistics", "seconds_text"]
+__all__ = ["LearnedDeadline", "Learning", "ScopeStatistics", "basis_text", "seconds_text", "statistics_table"]
 
 _FORMAT = "hangwatch scope statistics"
 _VERSION = 1
@@ -115,15 +115,9 @@ class LearnedDeadline(NamedTuple):
         """Whether the floor decided (``factor x basis`` was below it)."""
         return self.learning.factor * self.basis_s <= self.learning.floor
 
-    def basis_text(self) -> str:
-        """``max 0.13 s`` or ``p99 0.12 s``: the quantile the deadline came from."""
-        q = self.learning.quantile
-        name = "max" if q >= 1 else f"p{q * 100:g}"
-        return f"{name} {seconds_text(self.basis_s)}"
-
     def describe(self) -> str:
         """E.g. ``10 s (the floor; 3 x max 0.13 s from 1,234 blocks)``."""
-        how = f"{self.learning.factor:g} x {self.basis_text()} from {self.blocks:,} blocks"
+        how = f"{basis_text(self.to_dict())} from {self.blocks:,} blocks"
         lead = "the floor; " if self.at_floor else ""
         return f"{seconds_text(self.seconds)} ({lead}{how})"
 
@@ -138,6 +132,47 @@ class LearnedDeadline(NamedTuple):
             "floor_s": q.floor,
             "blocks": self.blocks,
         }
+
+
+def basis_text(learned: Dict[str, Any]) -> str:
+    """``3 x max 0.13 s`` (or ``3 x p99 0.12 s``): what a learned deadline came from.
+
+    ``learned``: the deadline as :meth:`LearnedDeadline.to_dict` gives it (events, figures).
+    """
+    q = learned.get("quantile", 1)
+    name = "max" if q >= 1 else f"p{q * 100:g}"
+    return f"{learned.get('factor', 0):g} x {name} {seconds_text(learned.get('basis_s'))}"
+
+
+def statistics_table(
+    statistics: Union[bool, ScopeStatistics],
+    learn: Optional[Learning],
+    *,
+    wanted: bool = False,
+    on_learned: Optional[Callable[[str, LearnedDeadline, float], None]] = None,
+) -> Optional[ScopeStatistics]:
+    """The table a server or a run uses: the one given, a new one, or None.
+
+    A new one is made when ``statistics`` is True, ``learn`` is given, or ``wanted``.
+
+    Raises:
+        TypeError: ``statistics`` or ``learn`` is of the wrong type.
+        ValueError: ``learn`` disagrees with the given table's learning.
+    """
+    if learn is not None and not isinstance(learn, Learning):
+        raise TypeError(f"learn must be a hangwatch.Learning (got {learn!r})")
+    if isinstance(statistics, ScopeStatistics):
+        if learn is not None and learn != statistics.learning:
+            raise ValueError(
+                "learn= and a shared statistics= table disagree: give the Learning to the ScopeStatistics "
+                "(ScopeStatistics(learning)) and leave learn= out"
+            )
+        return statistics
+    if not isinstance(statistics, bool):
+        raise TypeError(f"statistics must be True, False or a hangwatch.ScopeStatistics (got {statistics!r})")
+    if statistics or learn is not None or wanted:
+        return ScopeStatistics(learn, on_learned=on_learned)
+    return None
 
 
 def seconds_text(value: Any) -> str:
@@ -334,13 +369,7 @@ class ScopeStatistics:
         with self._lock:
             sources = [r for name, r in self._remote.items() if loaded or not name.startswith("file:")]
             names = sorted(set(self._scopes).union(*sources))
-            out = {}
-            for scope in names:
-                combined = ScopeStats()
-                for part in [self._scopes.get(scope), *(r.get(scope) for r in sources)]:
-                    if part is not None:
-                        combined.merge(part)
-                out[scope] = combined.to_dict()
+            out = {scope: self._combined(scope, self._scopes.get(scope), sources).to_dict() for scope in names}
             learned = dict(self._learned)
         if self._learning is not None:
             for scope, figures in out.items():
@@ -422,14 +451,19 @@ class ScopeStatistics:
             stats = self._scopes[scope] = ScopeStats()
         return stats
 
-    def _combined(self, scope: str, own: Optional[ScopeStats]) -> ScopeStats:
-        """The scope's own figures with the remote ones added (own itself when there are none)."""
+    def _combined(
+        self, scope: str, own: Optional[ScopeStats], sources: Optional[List[Dict[str, ScopeStats]]] = None
+    ) -> ScopeStats:
+        """The scope's own figures with those of ``sources`` (default: every remote one) added.
+
+        Returns ``own`` itself when there is nothing to add.
+        """
         if not self._remote_count.get(scope) and own is not None:
             return own
         combined = ScopeStats()
         if own is not None:
             combined.merge(own)
-        for remote in self._remote.values():
+        for remote in self._remote.values() if sources is None else sources:
             found = remote.get(scope)
             if found is not None:
                 combined.merge(found)

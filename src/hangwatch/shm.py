@@ -328,8 +328,8 @@ class SharedMemoryTimerClient(GuardCache, TimerClient):
         deadline = view[slot]
         view[slot] = 0.0
         after = self._slot_after.get(slot)
-        tally = None if after is None else self._tally_of(slot, after)
-        if deadline > 0.0 and tally is not None and after is not None:
+        tally = None if after is None or deadline <= 0.0 else self._tally_of(slot, after)
+        if tally is not None and after is not None:
             now = _monotonic()
             tally.append(now - deadline + after)
             if now >= self._due[0] or len(tally) > _FOLD_AT:

@@ -18,7 +18,7 @@ import logging
 import os
 from typing import Any, Callable, Dict, Optional, Union
 
-from ..learn import LearnedDeadline, Learning, ScopeStatistics
+from ..learn import LearnedDeadline, Learning, ScopeStatistics, statistics_table
 
 __all__ = ["RunFigures", "check_figure_files", "statistics_path_for"]
 
@@ -81,19 +81,8 @@ class RunFigures:
         timeouts_file: Optional[str] = None,
         on_learned: Optional[Callable[[str, LearnedDeadline, float], None]] = None,
     ) -> None:
-        if learn is not None and not isinstance(learn, Learning):
-            raise TypeError(f"learn must be a hangwatch.Learning (got {learn!r})")
-        self.table: Optional[ScopeStatistics]
-        if isinstance(statistics, ScopeStatistics):
-            if learn is not None and learn != statistics.learning:
-                raise ValueError("learn= and the statistics= table disagree: give the Learning to the table only")
-            self.table = statistics
-        elif not isinstance(statistics, bool):
-            raise TypeError(f"statistics must be True, False or a hangwatch.ScopeStatistics (got {statistics!r})")
-        elif statistics or learn is not None or timeouts_file is not None or statistics_file is not None:
-            self.table = ScopeStatistics(learn, on_learned=on_learned)
-        else:
-            self.table = None
+        files = timeouts_file is not None or statistics_file is not None
+        self.table = statistics_table(statistics, learn, wanted=files, on_learned=on_learned)
         self.statistics_file = statistics_file
         self.timeouts_file = timeouts_file
 

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Set, TextIO
 from ..agent import FAILED, SUCCEEDED, Attempt, RunResult
 from ..agent.report import LAUNCH_FRAMES, HangReport
 from ..events import Event
-from ..learn import Learning, seconds_text
+from ..learn import Learning, basis_text, seconds_text
 from ..triage import ranks_text
 
 __all__ = ["Reporter", "counts", "plural", "statistics_lines"]
@@ -54,11 +54,10 @@ class Reporter:
             return
         if event.name == "deadline learned":
             d = event.details
-            how = f"{d.get('factor'):g} x {'max' if d.get('quantile', 1) >= 1 else 'p%g' % (d['quantile'] * 100)}"
             floor = " (the floor)" if d.get("deadline_s") == d.get("floor_s") else ""
             self.say(
                 f"scope {event.scope!r}: learned deadline {seconds_text(d.get('deadline_s'))}{floor}, from "
-                f"{d.get('blocks', 0):,} blocks ({how} {seconds_text(d.get('basis_s'))}); its blocks asked "
+                f"{d.get('blocks', 0):,} blocks ({basis_text(d)}); its blocks asked "
                 f"for {seconds_text(d.get('after_s'))}"
             )
             return
@@ -191,12 +190,8 @@ def statistics_lines(figures: Dict[str, Dict[str, Any]]) -> List[str]:
         if learning:
             found = f.get("learned")
             if found:
-                basis = "max" if found["quantile"] >= 1 else f"p{found['quantile'] * 100:g}"
                 floor = "the floor; " if found["deadline_s"] == found["floor_s"] else ""
-                row.append(
-                    f"{seconds_text(found['deadline_s'])} ({floor}{found['factor']:g} x {basis} "
-                    f"{seconds_text(found['basis_s'])})"
-                )
+                row.append(f"{seconds_text(found['deadline_s'])} ({floor}{basis_text(found)})")
             elif f.get("learnable") is False:
                 row.append("off (learn=False)")
             else:
